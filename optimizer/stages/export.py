@@ -1,0 +1,76 @@
+"""``export``: TensorRT-LLM checkpoint and/or unified Hugging Face checkpoint via ModelOpt."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from optimizer.stages.base import Stage, StageResult, register
+
+if TYPE_CHECKING:
+    from optimizer.context import StageContext
+
+
+class TrtllmCheckpointSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tp: int = Field(1, ge=1, description="tensor-parallel size (one rank file per GPU)")
+    pp: int = Field(1, ge=1, description="pipeline-parallel size")
+
+
+@register
+class Export(Stage):
+    """Write deployable checkpoints of the current model."""
+
+    name = "export"
+    artifact_keys = ("trtllm_checkpoint", "hf_checkpoint")
+
+    trtllm_checkpoint: TrtllmCheckpointSpec | None = Field(
+        default_factory=TrtllmCheckpointSpec,
+        description="TensorRT-LLM checkpoint for trtllm-build (null to skip)",
+    )
+    hf_checkpoint: bool = Field(
+        False, description="unified HF checkpoint for TensorRT-LLM's PyTorch backend, vLLM, SGLang"
+    )
+
+    def check(self, recipe, before):
+        problems = super().check(recipe, before)
+        if self.trtllm_checkpoint is None and not self.hf_checkpoint:
+            problems.append(("", "exports nothing: enable trtllm_checkpoint or hf_checkpoint"))
+        return problems
+
+    def run(self, ctx: StageContext) -> StageResult:
+        from optimizer import trtllm
+        from optimizer.models import torch_dtype
+
+        model = ctx.model()
+        dtype = torch_dtype(ctx.recipe.model.dtype)
+        result = StageResult()
+        if self.trtllm_checkpoint is not None:
+            from modelopt.torch.export import export_tensorrt_llm_checkpoint
+            from modelopt.torch.export.model_utils import get_model_type
+
+            out = ctx.new_output("trtllm_checkpoint")
+            spec = self.trtllm_checkpoint
+            export_tensorrt_llm_checkpoint(
+                model, get_model_type(model), dtype, out,
+                inference_tensor_parallel=spec.tp, inference_pipeline_parallel=spec.pp,
+            )
+            # ModelOpt reads rope settings from attributes transformers 5 no longer sets.
+            trtllm.apply_rope_settings(out, model.config)
+            problems = trtllm.check_checkpoint(out)
+            if problems:
+                raise RuntimeError("exported TensorRT-LLM checkpoint is invalid:\n  " + "\n  ".join(problems))
+            ctx.tokenizer().save_pretrained(out)
+            result.outputs["trtllm_checkpoint"] = out
+            result.metrics["trtllm_checkpoint"] = trtllm.summarize(out)
+        if self.hf_checkpoint:
+            from modelopt.torch.export import export_hf_checkpoint
+
+            out = ctx.new_output("hf_checkpoint")
+            export_hf_checkpoint(model, dtype=dtype, export_dir=out)
+            ctx.tokenizer().save_pretrained(out)
+            result.outputs["hf_checkpoint"] = out
+            result.metrics["hf_checkpoint_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        return result

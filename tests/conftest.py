@@ -1,0 +1,53 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny import CALIBRATION, REPO, make_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture
+def write_recipe(tmp_path, tiny_llama):
+    """Write a recipe YAML for the tiny Llama; returns its path."""
+
+    def write(text: str | None = None, name: str = "recipe.yaml", raw: bool = False, **fmt) -> Path:
+        """``text`` is a template with {model} and {calib} unless ``raw``."""
+        if text is None:
+            text = TINY_FP8_RECIPE
+        path = tmp_path / name
+        path.write_text(text if raw else text.format(model=tiny_llama, calib=CALIBRATION, **fmt))
+        return path
+
+    return write
+
+
+TINY_FP8_RECIPE = """\
+name: tiny-fp8
+model:
+  source: {model}
+  dtype: bfloat16
+calibration:
+  dataset: {calib}
+  num_samples: 8
+  seq_len: 64
+  batch_size: 4
+stages:
+  - ptq:
+      format: fp8
+  - export:
+      trtllm_checkpoint: {{tp: 1, pp: 1}}
+      hf_checkpoint: true
+"""
+
+__all__ = ["REPO", "CALIBRATION"]
