@@ -89,24 +89,60 @@ MAX_TOTAL_CHARS = 2_300_000  # hard safety cap on the whole set
 
 # Directives whose whole body is dropped.
 SKIP_DIRECTIVES = {
-    "toctree", "index", "include", "literalinclude", "highlight",
-    "productionlist", "image", "figure", "csv-table", "list-table", "table",
-    "tabularcolumns", "raw", "moduleauthor", "sectionauthor", "audit-event",
-    "availability", "rubric", "contents", "testsetup", "testcleanup",
-    "testoutput", "miscnews", "limited-api-list", "program", "module",
-    "currentmodule", "c:module", "py:module", "py:currentmodule",
-    "autosummary", "only", "sidebar", "epigraph", "program-output",
+    "toctree",
+    "index",
+    "include",
+    "literalinclude",
+    "highlight",
+    "productionlist",
+    "image",
+    "figure",
+    "csv-table",
+    "list-table",
+    "table",
+    "tabularcolumns",
+    "raw",
+    "moduleauthor",
+    "sectionauthor",
+    "audit-event",
+    "availability",
+    "rubric",
+    "contents",
+    "testsetup",
+    "testcleanup",
+    "testoutput",
+    "miscnews",
+    "limited-api-list",
+    "program",
+    "module",
+    "currentmodule",
+    "c:module",
+    "py:module",
+    "py:currentmodule",
+    "autosummary",
+    "only",
+    "sidebar",
+    "epigraph",
+    "program-output",
 }
 # Directives whose body is a code sample.
-CODE_DIRECTIVES = {"code-block", "sourcecode", "code", "doctest", "testcode",
-                   "parsed-literal"}
+CODE_DIRECTIVES = {"code-block", "sourcecode", "code", "doctest", "testcode", "parsed-literal"}
 # Admonitions: the body is prose, rendered with a short label in front.
 ADMONITIONS = {
-    "note": "Note:", "warning": "Warning:", "important": "Important:",
-    "caution": "Caution:", "tip": "Tip:", "hint": "Hint:", "attention":
-    "Attention:", "danger": "Danger:", "error": "Error:", "seealso":
-    "See also:", "impl-detail": "CPython implementation detail:",
-    "topic": "", "admonition": "", "glossary": "",
+    "note": "Note:",
+    "warning": "Warning:",
+    "important": "Important:",
+    "caution": "Caution:",
+    "tip": "Tip:",
+    "hint": "Hint:",
+    "attention": "Attention:",
+    "danger": "Danger:",
+    "error": "Error:",
+    "seealso": "See also:",
+    "impl-detail": "CPython implementation detail:",
+    "topic": "",
+    "admonition": "",
+    "glossary": "",
 }
 VERSION_DIRECTIVES = {
     "versionadded": "New in version {}.",
@@ -183,7 +219,7 @@ def parse_rst(text: str) -> list[Block]:
 
     def collect_code(start: int, base: int) -> int:
         j = skip_body(start, base)
-        body = [l for l in lines[start:j]]
+        body = list(lines[start:j])
         while body and not body[-1].strip():
             body.pop()
         while body and not body[0].strip():
@@ -219,13 +255,21 @@ def parse_rst(text: str) -> list[Block]:
             j = i + 1
             # Continuation lines of the argument (extra signatures) ...
             extra = []
-            while j < n and lines[j].strip() and indent_of(lines[j]) > d_ind \
-                    and not FIELD_RE.match(lines[j]):
+            while (
+                j < n
+                and lines[j].strip()
+                and indent_of(lines[j]) > d_ind
+                and not FIELD_RE.match(lines[j])
+            ):
                 extra.append(lines[j].strip())
                 j += 1
             # ... then directive options (":noindex:", ":synopsis: ...").
-            while j < n and lines[j].strip() and indent_of(lines[j]) > d_ind \
-                    and FIELD_RE.match(lines[j]):
+            while (
+                j < n
+                and lines[j].strip()
+                and indent_of(lines[j]) > d_ind
+                and FIELD_RE.match(lines[j])
+            ):
                 j += 1
             short = name.split(":")[-1] if name.startswith("py:") else name
             if short in SKIP_DIRECTIVES:
@@ -245,7 +289,7 @@ def parse_rst(text: str) -> list[Block]:
             elif short in VERSION_DIRECTIVES:
                 parts = arg.split(None, 2 if short == "deprecated-removed" else 1)
                 versions = parts[:2] if short == "deprecated-removed" else parts[:1]
-                rest = " ".join(parts[len(versions):] + extra).strip()
+                rest = " ".join(parts[len(versions) :] + extra).strip()
                 fmt = VERSION_DIRECTIVES[short]
                 versions += ["?"] * (fmt.count("{}") - len(versions))
                 pending_prefix = fmt.format(*versions)
@@ -273,16 +317,21 @@ def parse_rst(text: str) -> list[Block]:
             else:
                 i += 1  # transition or stray underline
             continue
-        if (not para and i + 1 < n and is_adornment(lines[i + 1])
-                and len(lines[i + 1].strip()) >= len(stripped) - 2):
+        if (
+            not para
+            and i + 1 < n
+            and is_adornment(lines[i + 1])
+            and len(lines[i + 1].strip()) >= len(stripped) - 2
+        ):
             i += 2  # title + underline
             continue
 
         # Simple tables: skip until a border line followed by a blank line.
         if SIMPLE_TABLE_BORDER_RE.match(line) and not para:
             j = i + 1
-            while j < n and not (SIMPLE_TABLE_BORDER_RE.match(lines[j])
-                                 and (j + 1 >= n or not lines[j + 1].strip())):
+            while j < n and not (
+                SIMPLE_TABLE_BORDER_RE.match(lines[j]) and (j + 1 >= n or not lines[j + 1].strip())
+            ):
                 j += 1
             i = j + 1
             continue
@@ -364,7 +413,7 @@ def clean_inline(text: str) -> str:
 
 def render_prose(lines: list[str]) -> str:
     """Join wrapped lines; list items and definition terms start new lines."""
-    base = min(indent_of(l) for l in lines)
+    base = min(indent_of(line) for line in lines)
     is_list = BULLET_RE.match(lines[0].strip()) is not None
     out: list[str] = []
     cur: list[str] = []
@@ -372,8 +421,9 @@ def render_prose(lines: list[str]) -> str:
         s = line.strip()
         new_item = is_list and k > 0 and indent_of(line) == base and BULLET_RE.match(s)
         # Definition list: a term line followed by a more-indented definition.
-        term_before = (not is_list and k == 1 and indent_of(lines[0]) == base
-                       and indent_of(line) > base)
+        term_before = (
+            not is_list and k == 1 and indent_of(lines[0]) == base and indent_of(line) > base
+        )
         if (new_item or term_before) and cur:
             out.append(" ".join(cur))
             cur = []
@@ -405,9 +455,7 @@ def looks_like_markup(text: str) -> bool:
         return True  # grid table
     if re.search(r"^\s*\.\. ", text, re.M):
         return True
-    if ROLE_RE.search(text):
-        return True
-    return False
+    return bool(ROLE_RE.search(text))
 
 
 def document_paragraphs(rst: str) -> list[tuple[str, str]]:
@@ -420,7 +468,7 @@ def document_paragraphs(rst: str) -> list[tuple[str, str]]:
             sig = [clean_inline(s) for s in b.lines]
             continue
         if b.kind == "code":
-            code = "\n".join(l.rstrip() for l in b.lines).strip("\n")
+            code = "\n".join(line.rstrip() for line in b.lines).strip("\n")
             if MIN_CODE_CHARS <= len(code) <= MAX_CODE_CHARS and "\x00" not in code:
                 paras.append(("code", code))
             continue
@@ -472,8 +520,11 @@ def group_records(paras: list[tuple[str, str]]) -> list[str]:
         cur, cur_len, cur_code = [], 0, 0
 
     for kind, text in paras:
-        pieces = [text] if len(text) <= RECORD_MAX_CHARS else (
-            split_long(text, RECORD_SOFT_CHARS) if kind == "prose" else [])
+        pieces = (
+            [text]
+            if len(text) <= RECORD_MAX_CHARS
+            else (split_long(text, RECORD_SOFT_CHARS) if kind == "prose" else [])
+        )
         for piece in pieces:
             if kind == "code" and (cur_code >= MAX_CODE_PER_RECORD or not cur):
                 continue  # a record never starts with code; few samples each
@@ -492,8 +543,11 @@ def group_records(paras: list[tuple[str, str]]) -> list[str]:
     # only if it is long enough on its own.
     if cur:
         tail = "\n\n".join(cur)
-        if cur_len < RECORD_MIN_CHARS and records and \
-                len(records[-1]) + 2 + len(tail) <= RECORD_MAX_CHARS:
+        if (
+            cur_len < RECORD_MIN_CHARS
+            and records
+            and len(records[-1]) + 2 + len(tail) <= RECORD_MAX_CHARS
+        ):
             records[-1] += "\n\n" + tail
         else:
             flush()
@@ -511,11 +565,11 @@ def fetch_package(workdir: str, deb: str | None) -> tuple[str, str]:
         subprocess.run(["apt-get", "download", PACKAGE], cwd=workdir, check=True)
         debs = sorted(glob.glob(os.path.join(workdir, f"{PACKAGE}_*.deb")))
         if not debs:
-            sys.exit(f"apt-get download produced no {PACKAGE} .deb "
-                     "(try `apt-get update` first)")
+            sys.exit(f"apt-get download produced no {PACKAGE} .deb (try `apt-get update` first)")
         deb = debs[-1]
-    version = subprocess.run(["dpkg-deb", "-f", deb, "Version"], check=True,
-                             capture_output=True, text=True).stdout.strip()
+    version = subprocess.run(
+        ["dpkg-deb", "-f", deb, "Version"], check=True, capture_output=True, text=True
+    ).stdout.strip()
     root = os.path.join(workdir, "root")
     subprocess.run(["dpkg-deb", "-x", deb, root], check=True)
     return root, version
@@ -572,12 +626,16 @@ def main() -> None:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
     lengths = [len(r["text"]) for r in records]
-    print(f"{PACKAGE} {version}: wrote {len(records)} records, "
-          f"{sum(lengths):,} characters, "
-          f"{len({r['source'] for r in records})} documents -> {args.output}")
+    print(
+        f"{PACKAGE} {version}: wrote {len(records)} records, "
+        f"{sum(lengths):,} characters, "
+        f"{len({r['source'] for r in records})} documents -> {args.output}"
+    )
     if lengths:
-        print(f"record length min/median/max: {min(lengths)}/"
-              f"{int(statistics.median(lengths))}/{max(lengths)}")
+        print(
+            f"record length min/median/max: {min(lengths)}/"
+            f"{int(statistics.median(lengths))}/{max(lengths)}"
+        )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ def check_dataset(spec: CalibrationSpec, base_dir: Path) -> str | None:
     if resolve_local(spec.dataset, base_dir) is not None:
         return None
     if spec.dataset.endswith(LOCAL_SUFFIXES) or spec.dataset.startswith((".", "/", "~")):
-        return (f"calibration file not found: {spec.dataset} (looked in {base_dir} and the "
-                "current directory)")
+        return (
+            f"calibration file not found: {spec.dataset} (looked in {base_dir} and the "
+            "current directory)"
+        )
     return None  # a hub dataset name; reachability is checked when the run starts
 
 
@@ -79,7 +81,9 @@ def _read_local(path: Path, field: str) -> list[str]:
         if not isinstance(records, list):
             raise OptimizerError(f"{path}: expected a JSON list of records or strings")
     else:
-        raise OptimizerError(f"{path}: unsupported calibration file type (use {', '.join(LOCAL_SUFFIXES)})")
+        raise OptimizerError(
+            f"{path}: unsupported calibration file type (use {', '.join(LOCAL_SUFFIXES)})"
+        )
     return [_text_of(r, field, path) for r in records]
 
 
@@ -149,7 +153,7 @@ def tokenize(spec: CalibrationSpec, texts: list[str], tokenizer) -> Any:
 
 def batches(tokens, batch_size: int) -> Iterator[Any]:
     for start in range(0, tokens.shape[0], batch_size):
-        yield tokens[start:start + batch_size]
+        yield tokens[start : start + batch_size]
 
 
 def forward_loop(tokens, batch_size: int, desc: str = "calibrating") -> Callable[[Any], None]:

@@ -16,7 +16,13 @@ from pathlib import Path
 
 from optimizer import __version__
 from optimizer.errors import (
-    EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, GateFailed, OptimizerError, RecipeError, StageFailed,
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    GateFailed,
+    OptimizerError,
+    RecipeError,
+    StageFailed,
 )
 
 log = logging.getLogger("optimizer")
@@ -52,7 +58,10 @@ class _ConsoleFilter(logging.Filter):
 def setup_logging(quiet: bool) -> None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
+    for handler in [h for h in root.handlers if getattr(h, "optimizer_console", False)]:
+        root.removeHandler(handler)  # main() called again in one process (tests, notebooks)
     console = logging.StreamHandler(sys.stderr)
+    console.optimizer_console = True
     console.setLevel(logging.WARNING if quiet else logging.INFO)
     console.addFilter(_ConsoleFilter())
     console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
@@ -76,30 +85,50 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     run = verbs.add_parser(
-        "run", help="run a recipe's stages into a run directory",
+        "run",
+        help="run a recipe's stages into a run directory",
         description="Run RECIPE's stages in order. Writes DIR/run.json (status, resolved "
         "recipe, versions, per-stage records, artifacts), DIR/recipe.yaml and DIR/logs/.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
-    run.add_argument("-o", "--output", metavar="DIR", type=Path,
-                     help="run directory (default: runs/<recipe name>)")
+    run.add_argument(
+        "-o",
+        "--output",
+        metavar="DIR",
+        type=Path,
+        help="run directory (default: runs/<recipe name>)",
+    )
     _add_set(run)
-    run.add_argument("--resume", action="store_true",
-                     help="continue the run in DIR: stages finished with unchanged inputs are "
-                     "skipped, the rest redone")
-    run.add_argument("--force", action="store_true",
-                     help="start over in DIR, deleting the previous run there")
-    run.add_argument("--dry-run", action="store_true",
-                     help="validate and print the resolved recipe and stage plan; run nothing")
-    run.add_argument("-q", "--quiet", action="store_true",
-                     help="only warnings and errors on the console (for jobs); logs/ is complete")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in DIR: stages finished with unchanged inputs are "
+        "skipped, the rest redone",
+    )
+    run.add_argument(
+        "--force", action="store_true", help="start over in DIR, deleting the previous run there"
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and print the resolved recipe and stage plan; run nothing",
+    )
+    run.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="only warnings and errors on the console (for jobs); logs/ is complete",
+    )
 
     validate = verbs.add_parser(
-        "validate", help="check recipes without loading any model",
+        "validate",
+        help="check recipes without loading any model",
         description="Check every RECIPE (schema, stage order, files) and report every problem "
         "with file, line and key. Exit 2 if any recipe has a problem.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     validate.add_argument("recipes", metavar="RECIPE", nargs="+", help="recipe YAML files")
     _add_set(validate)
@@ -107,9 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                   help="override a recipe value, e.g. --set calibration.num_samples=64 or "
-                   "--set stages.ptq.kv_cache=fp8 (VALUE is parsed as YAML; repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override a recipe value, e.g. --set calibration.num_samples=64 or "
+        "--set stages.ptq.kv_cache=fp8 (VALUE is parsed as YAML; repeatable)",
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -149,11 +184,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.resume and args.force:
         raise OptimizerError("--resume and --force contradict each other; pick one")
-    outcome = run_recipe(recipe, run_dir, resume=args.resume, force=args.force,
-                         recipe_file=str(args.recipe), overrides=args.overrides)
+    outcome = run_recipe(
+        recipe,
+        run_dir,
+        resume=args.resume,
+        force=args.force,
+        recipe_file=str(args.recipe),
+        overrides=args.overrides,
+    )
     artifacts = outcome.record.get("artifacts", {})
-    print(json.dumps({"status": outcome.record["status"],
-                      "run_json": str(outcome.run_dir / "run.json"), "artifacts": artifacts}))
+    print(
+        json.dumps(
+            {
+                "status": outcome.record["status"],
+                "run_json": str(outcome.run_dir / "run.json"),
+                "artifacts": artifacts,
+            }
+        )
+    )
     return EXIT_OK
 
 

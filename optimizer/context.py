@@ -48,13 +48,15 @@ class StageContext:
         if self.state.model is None:
             log.info("loading model from %s", self.state.checkpoint)
             self.state.model = models.load_model(
-                self.state.checkpoint, self.state.dtype, self.state.trust_remote_code)
+                self.state.checkpoint, self.state.dtype, self.state.trust_remote_code
+            )
         return self.state.model
 
     def tokenizer(self):
         if self.state.tokenizer is None:
             self.state.tokenizer = models.load_tokenizer(
-                self.state.checkpoint, self.state.trust_remote_code)
+                self.state.checkpoint, self.state.trust_remote_code
+            )
         return self.state.tokenizer
 
     def calibration_tokens(self):
@@ -65,13 +67,19 @@ class StageContext:
         if self.state.calibration_tokens is None:
             texts = calibration.load_texts(spec, self.recipe.base_dir)
             self.state.calibration_tokens = calibration.tokenize(spec, texts, self.tokenizer())
-            log.info("calibration: %d samples x %d tokens from %s", spec.num_samples,
-                     spec.seq_len, spec.dataset)
+            log.info(
+                "calibration: %d samples x %d tokens from %s",
+                spec.num_samples,
+                spec.seq_len,
+                spec.dataset,
+            )
         return self.state.calibration_tokens
 
     def forward_loop(self):
         assert self.recipe.calibration is not None
-        return calibration.forward_loop(self.calibration_tokens(), self.recipe.calibration.batch_size)
+        return calibration.forward_loop(
+            self.calibration_tokens(), self.recipe.calibration.batch_size
+        )
 
     def new_output(self, key: str) -> Path:
         """A fresh temporary directory for output ``key``; the runner renames it into place

@@ -75,7 +75,7 @@ def _local_dir(source: str, base_dir: Path) -> Path | None:
 def check_source(source: str, base_dir: Path) -> str | None:
     """A problem with ``source`` that can be seen without loading anything, or None."""
     if source.startswith(BUILTIN_PREFIX):
-        name = source[len(BUILTIN_PREFIX):]
+        name = source[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_MODELS:
             return f"unknown builtin model '{name}' (available: {', '.join(BUILTIN_MODELS)})"
         return None
@@ -86,8 +86,10 @@ def check_source(source: str, base_dir: Path) -> str | None:
         return None
     if HUB_ID.match(source):  # org/name: resolved against the hub (or its cache) at run time
         return None
-    return (f"'{source}' is neither an existing local directory nor a hub id (org/name) nor "
-            f"builtin:<name> (builtins: {', '.join(BUILTIN_MODELS)})")
+    return (
+        f"'{source}' is neither an existing local directory nor a hub id (org/name) nor "
+        f"builtin:<name> (builtins: {', '.join(BUILTIN_MODELS)})"
+    )
 
 
 def resolve_source(source: str, base_dir: Path) -> ResolvedModel:
@@ -95,7 +97,7 @@ def resolve_source(source: str, base_dir: Path) -> ResolvedModel:
     if problem:
         raise OptimizerError(f"model.source: {problem}")
     if source.startswith(BUILTIN_PREFIX):
-        return _builtin(source[len(BUILTIN_PREFIX):])
+        return _builtin(source[len(BUILTIN_PREFIX) :])
     local = _local_dir(source, base_dir)
     if local is not None:
         return ResolvedModel(source, local, fingerprint_dir(local))
@@ -185,7 +187,9 @@ def _convert_gguf(gguf: Path, target: Path, marker_key: str) -> None:
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     config = loaded.config
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config.
     if hasattr(config, "quantization_config"):
@@ -202,9 +206,16 @@ def _convert_gguf(gguf: Path, target: Path, marker_key: str) -> None:
     fingerprint = hashlib.sha256()
     for f in sorted(tmp.iterdir()):
         fingerprint.update(f.name.encode() + sha256_file(f).encode())
-    (tmp / "optimizer_source.json").write_text(json.dumps({
-        "gguf": str(gguf), "gguf_stat": marker_key, "fingerprint": fingerprint.hexdigest(),
-    }, indent=2))
+    (tmp / "optimizer_source.json").write_text(
+        json.dumps(
+            {
+                "gguf": str(gguf),
+                "gguf_stat": marker_key,
+                "fingerprint": fingerprint.hexdigest(),
+            },
+            indent=2,
+        )
+    )
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     log.info("converted in %.0f s", time.time() - t0)
@@ -269,7 +280,11 @@ def enable_modelopt_checkpointing() -> None:
 
 def load_model(path: Path, dtype: str, trust_remote_code: bool = False):
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
+
+    if os.environ.get("TQDM_DISABLE"):  # quiet mode; transformers' bars ignore tqdm's switch
+        transformers.utils.logging.disable_progress_bar()
 
     enable_modelopt_checkpointing()
     device_map = "auto" if torch.cuda.is_available() else None

@@ -33,8 +33,16 @@ from optimizer.stages.base import Stage
 
 log = logging.getLogger(__name__)
 
-VERSIONED_PACKAGES = ("optimizer", "nvidia-modelopt", "torch", "transformers", "accelerate",
-                      "datasets", "lm-eval", "pydantic")
+VERSIONED_PACKAGES = (
+    "optimizer",
+    "nvidia-modelopt",
+    "torch",
+    "transformers",
+    "accelerate",
+    "datasets",
+    "lm-eval",
+    "pydantic",
+)
 #: Packages whose version changes what a stage computes (part of each stage's fingerprint).
 COMPUTE_PACKAGES = ("nvidia-modelopt", "torch", "transformers")
 
@@ -62,26 +70,40 @@ def package_versions() -> dict[str, str | None]:
 def device_info() -> dict[str, Any]:
     import torch
 
-    info: dict[str, Any] = {"machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
-                            "cuda": torch.cuda.is_available()}
+    info: dict[str, Any] = {
+        "machine": platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
     if info["cuda"]:
         info["gpus"] = [
-            {"name": torch.cuda.get_device_name(i),
-             "capability": ".".join(map(str, torch.cuda.get_device_capability(i)))}
+            {
+                "name": torch.cuda.get_device_name(i),
+                "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
+            }
             for i in range(torch.cuda.device_count())
         ]
     return info
 
 
-def stage_fingerprint(stage: Stage, recipe: Recipe, model_fp: str, calib_fp: str | None,
-                      upstream: str, versions: dict[str, str | None]) -> str:
+def stage_fingerprint(
+    stage: Stage,
+    recipe: Recipe,
+    model_fp: str,
+    calib_fp: str | None,
+    upstream: str,
+    versions: dict[str, str | None],
+) -> str:
     inputs = {
         "stage": stage.name,
         "config": stage.model_dump(mode="json"),
         "model": model_fp,
         "dtype": recipe.model.dtype,
-        "calibration": ([recipe.calibration.model_dump(mode="json"), calib_fp]
-                        if stage.needs_calibration and recipe.calibration else None),
+        "calibration": (
+            [recipe.calibration.model_dump(mode="json"), calib_fp]
+            if stage.needs_calibration and recipe.calibration
+            else None
+        ),
         "upstream": upstream,
         "versions": {k: versions.get(k) for k in COMPUTE_PACKAGES},
     }
@@ -105,8 +127,16 @@ class _StdoutToLog(io.TextIOBase):
 
 
 class Runner:
-    def __init__(self, recipe: Recipe, run_dir: Path, *, resume: bool = False, force: bool = False,
-                 recipe_file: str | None = None, overrides: list[str] | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        force: bool = False,
+        recipe_file: str | None = None,
+        overrides: list[str] | None = None,
+    ):
         self.recipe = recipe
         self.dir = RunDirectory(run_dir)
         self.resume = resume
@@ -169,7 +199,10 @@ class Runner:
             "versions": versions,
             "device": None,
             "model": {"source": recipe.model.source},
-            "stages": [{"index": i, "name": s.name, "status": "pending"} for i, s in enumerate(recipe.stages)],
+            "stages": [
+                {"index": i, "name": s.name, "status": "pending"}
+                for i, s in enumerate(recipe.stages)
+            ],
             "artifacts": {},
             "error": None,
         }
@@ -177,16 +210,24 @@ class Runner:
         try:
             self.record["device"] = device_info()
             resolved = models.resolve_source(recipe.model.source, recipe.base_dir)
-            self.record["model"] = {"source": resolved.source, "path": str(resolved.path),
-                                    "fingerprint": resolved.fingerprint}
-            calib_fp = (calibration.fingerprint(recipe.calibration, recipe.base_dir)
-                        if recipe.calibration else None)
+            self.record["model"] = {
+                "source": resolved.source,
+                "path": str(resolved.path),
+                "fingerprint": resolved.fingerprint,
+            }
+            calib_fp = (
+                calibration.fingerprint(recipe.calibration, recipe.base_dir)
+                if recipe.calibration
+                else None
+            )
             state = ModelState(resolved.path, recipe.model.dtype, recipe.model.trust_remote_code)
             prev_stages = (previous or {}).get("stages", [])
             upstream = ""
             reusing = True
             for i, stage in enumerate(recipe.stages):
-                fp = stage_fingerprint(stage, recipe, resolved.fingerprint, calib_fp, upstream, versions)
+                fp = stage_fingerprint(
+                    stage, recipe, resolved.fingerprint, calib_fp, upstream, versions
+                )
                 upstream = fp
                 entry = self.record["stages"][i]
                 entry["fingerprint"] = fp
@@ -228,10 +269,19 @@ class Runner:
 
     def _reuse(self, i: int, stage: Stage, old: dict, state: ModelState) -> None:
         entry = self.record["stages"][i]
-        entry.update(status="skipped", reason="resumed: finished earlier with the same inputs",
-                     seconds=0.0, outputs=old.get("outputs", {}), metrics=old.get("metrics", {}))
-        log.info("[%d/%d] %s: skipped (finished earlier with the same inputs)",
-                 i + 1, len(self.recipe.stages), stage.name)
+        entry.update(
+            status="skipped",
+            reason="resumed: finished earlier with the same inputs",
+            seconds=0.0,
+            outputs=old.get("outputs", {}),
+            metrics=old.get("metrics", {}),
+        )
+        log.info(
+            "[%d/%d] %s: skipped (finished earlier with the same inputs)",
+            i + 1,
+            len(self.recipe.stages),
+            stage.name,
+        )
         self._publish_artifacts(stage, entry["outputs"])
         if stage.transforms_model:
             state.checkpoint = Path(entry["outputs"]["model"]["path"])
@@ -269,12 +319,23 @@ class Runner:
             entry["error"] = cause
             log.debug("stage %s traceback:\n%s", stage.name, traceback.format_exc())
             raise StageFailed(stage.name, cause) from e
-        entry.update(status="success", seconds=round(time.time() - t0, 3), outputs=outputs,
-                     metrics=result.metrics, finished_at=now())
+        entry.update(
+            status="success",
+            seconds=round(time.time() - t0, 3),
+            outputs=outputs,
+            metrics=result.metrics,
+            finished_at=now(),
+        )
         self._publish_artifacts(stage, outputs)
         if stage.transforms_model:
             state.checkpoint = Path(outputs["model"]["path"])
-        log.info("[%d/%d] %s: done in %.1f s", i + 1, len(self.recipe.stages), stage.name, entry["seconds"])
+        log.info(
+            "[%d/%d] %s: done in %.1f s",
+            i + 1,
+            len(self.recipe.stages),
+            stage.name,
+            entry["seconds"],
+        )
         self._save()
 
     def _save_model(self, ctx: StageContext) -> None:
@@ -324,5 +385,3 @@ def run_recipe(recipe: Recipe, run_dir: Path, **kwargs: Any) -> RunOutcome:
 
 def default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / recipe.name
-
-

@@ -117,8 +117,12 @@ def _index_lines(node: yaml.Node, path: KeyPath, smap: SourceMap, problems: list
             child = (*path, key)
             if key in seen:
                 problems.append(
-                    Problem(smap.file, key_node.start_mark.line + 1, format_path(child),
-                            "duplicate key (YAML would silently keep only the last one)")
+                    Problem(
+                        smap.file,
+                        key_node.start_mark.line + 1,
+                        format_path(child),
+                        "duplicate key (YAML would silently keep only the last one)",
+                    )
                 )
             seen.add(key)
             smap.lines[child] = key_node.start_mark.line + 1
@@ -158,11 +162,15 @@ def apply_override(data: dict, assignment: str, smap: SourceMap) -> None:
     (``stages.ptq.format`` addresses the first ``ptq`` stage's section).
     """
     if "=" not in assignment:
-        raise OptimizerError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set calibration.num_samples=64")
+        raise OptimizerError(
+            f"--set {assignment!r}: expected KEY=VALUE, e.g. --set calibration.num_samples=64"
+        )
     key, raw = assignment.split("=", 1)
     parts = [p for p in key.strip().split(".")]
     if not key.strip() or any(not p for p in parts):
-        raise OptimizerError(f"--set {assignment!r}: the key must be a dotted path such as model.dtype")
+        raise OptimizerError(
+            f"--set {assignment!r}: the key must be a dotted path such as model.dtype"
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -175,7 +183,9 @@ def apply_override(data: dict, assignment: str, smap: SourceMap) -> None:
             if part.isdigit() and int(part) < len(node):
                 idx: str | int = int(part)
             else:
-                matches = [j for j, item in enumerate(node) if isinstance(item, dict) and part in item]
+                matches = [
+                    j for j, item in enumerate(node) if isinstance(item, dict) and part in item
+                ]
                 if not matches:
                     raise OptimizerError(
                         f"--set {assignment!r}: no list element {part!r} under {format_path(tuple(path))} "
@@ -243,16 +253,24 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
 def _clean_loc(loc: tuple) -> tuple:
     # pydantic puts union member names ("TrtllmCheckpointSpec") and validator tags in
     # locations; they are not recipe keys.
-    return tuple(p for p in loc if not (isinstance(p, str) and (p[:1].isupper() or p.startswith("function-"))))
+    return tuple(
+        p
+        for p in loc
+        if not (isinstance(p, str) and (p[:1].isupper() or p.startswith("function-")))
+    )
 
 
-def _problems_from(error: ValidationError, model: type[BaseModel], prefix: KeyPath, smap: SourceMap) -> list[Problem]:
+def _problems_from(
+    error: ValidationError, model: type[BaseModel], prefix: KeyPath, smap: SourceMap
+) -> list[Problem]:
     errors = [(e, _clean_loc(e["loc"])) for e in error.errors()]
     # A misspelt required key shows up twice (unknown + missing); the did-you-mean says it all.
     suggested = set()
     for err, loc in errors:
         if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(loc[-1]), _fields_at(model, loc[:-1]), n=1, cutoff=0.6)
+            close = difflib.get_close_matches(
+                str(loc[-1]), _fields_at(model, loc[:-1]), n=1, cutoff=0.6
+            )
             if close:
                 suggested.add((*loc[:-1], close[0]))
     out = []
@@ -271,7 +289,13 @@ def _problems_from(error: ValidationError, model: type[BaseModel], prefix: KeyPa
             if err["type"] == "literal_error":
                 msg = msg.replace("Input should be", "must be one of:")
                 msg += f", not {err['input']!r}" + _did_you_mean(
-                    err["input"], [s.strip("'") for s in str(err.get("ctx", {}).get("expected", "")).replace(" or ", ", ").split(", ")]
+                    err["input"],
+                    [
+                        s.strip("'")
+                        for s in str(err.get("ctx", {}).get("expected", ""))
+                        .replace(" or ", ", ")
+                        .split(", ")
+                    ],
                 )
         out.append(smap.problem(prefix + loc, msg))
     return out
@@ -281,7 +305,9 @@ def parse_recipe(data: Any, smap: SourceMap, base_dir: Path) -> Recipe:
     """Validate loaded recipe data. Collects every problem before raising."""
     problems: list[Problem] = []
     if not isinstance(data, dict):
-        raise RecipeError([smap.problem((), "a recipe is a YAML mapping with name, model and stages")])
+        raise RecipeError(
+            [smap.problem((), "a recipe is a YAML mapping with name, model and stages")]
+        )
 
     header = None
     try:
@@ -292,9 +318,13 @@ def parse_recipe(data: Any, smap: SourceMap, base_dir: Path) -> Recipe:
     # absence of stages when the user did not try to name them.
     raw_stages = data.get("stages")
     if raw_stages is None and not any(p.message.startswith("unknown key") for p in problems):
-        problems.append(smap.problem(("stages",), "required key is missing: the ordered list of stages"))
+        problems.append(
+            smap.problem(("stages",), "required key is missing: the ordered list of stages")
+        )
     elif raw_stages is not None and not isinstance(raw_stages, list):
-        problems.append(smap.problem(("stages",), "must be a list, e.g.\n  stages:\n    - ptq: {format: fp8}"))
+        problems.append(
+            smap.problem(("stages",), "must be a list, e.g.\n  stages:\n    - ptq: {format: fp8}")
+        )
         raw_stages = None
 
     stages: list[Stage] = []
@@ -302,16 +332,23 @@ def parse_recipe(data: Any, smap: SourceMap, base_dir: Path) -> Recipe:
     for i, item in enumerate(raw_stages or []):
         path: KeyPath = ("stages", i)
         if not isinstance(item, dict) or len(item) != 1:
-            problems.append(smap.problem(
-                path, "each stage is a mapping with exactly one key, its type, e.g. `- ptq: {format: fp8}`"))
+            problems.append(
+                smap.problem(
+                    path,
+                    "each stage is a mapping with exactly one key, its type, e.g. `- ptq: {format: fp8}`",
+                )
+            )
             continue
         kind, section = next(iter(item.items()))
         cls = STAGES.get(kind)
         if cls is None:
-            problems.append(smap.problem(
-                (*path, kind),
-                f"unknown stage type '{kind}'{_did_you_mean(kind, list(STAGES))} "
-                f"(known: {', '.join(sorted(STAGES))})"))
+            problems.append(
+                smap.problem(
+                    (*path, kind),
+                    f"unknown stage type '{kind}'{_did_you_mean(kind, list(STAGES))} "
+                    f"(known: {', '.join(sorted(STAGES))})",
+                )
+            )
             continue
         if section is not None and not isinstance(section, dict):
             problems.append(smap.problem((*path, kind), "a stage's settings must be a mapping"))
@@ -328,7 +365,9 @@ def parse_recipe(data: Any, smap: SourceMap, base_dir: Path) -> Recipe:
         recipe = Recipe(**dict(header), stages=stages, base_dir=base_dir)
         for i, stage in enumerate(stages):
             for rel, msg in stage.check(recipe, stages[:i]):
-                rel_path = tuple(int(p) if p.isdigit() else p for p in rel.split(".")) if rel else ()
+                rel_path = (
+                    tuple(int(p) if p.isdigit() else p for p in rel.split(".")) if rel else ()
+                )
                 problems.append(smap.problem(stage_paths[i] + rel_path, msg))
         problems += _check_files(recipe, smap)
         if not problems:

@@ -74,7 +74,7 @@ class RunDirectory:
     def lock(self) -> None:
         """Refuse a second concurrent run on this directory (the OS drops the lock if we die)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path / ".lock", "a+")
+        fh = open(self.path / ".lock", "a+")  # noqa: SIM115 (held until unlock())
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -103,7 +103,9 @@ class RunDirectory:
         except FileNotFoundError:
             return None
         except ValueError as e:
-            raise OptimizerError(f"{self.run_json} is not valid JSON ({e}); cannot resume from it") from None
+            raise OptimizerError(
+                f"{self.run_json} is not valid JSON ({e}); cannot resume from it"
+            ) from None
 
     def write(self, record: dict[str, Any]) -> None:
         write_atomic(self.run_json, json.dumps(record, indent=2, default=str) + "\n")

@@ -12,16 +12,47 @@ import json
 from pathlib import Path
 from typing import Any
 
-REQUIRED_CONFIG_KEYS = ("architecture", "dtype", "hidden_size", "num_hidden_layers", "num_attention_heads")
-QUANTIZATION_KEYS = {"quant_algo", "kv_cache_quant_algo", "group_size", "has_zero_point",
-                     "pre_quant_scale", "exclude_modules", "smoothquant_val", "clamp_val"}
+REQUIRED_CONFIG_KEYS = (
+    "architecture",
+    "dtype",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+QUANTIZATION_KEYS = {
+    "quant_algo",
+    "kv_cache_quant_algo",
+    "group_size",
+    "has_zero_point",
+    "pre_quant_scale",
+    "exclude_modules",
+    "smoothquant_val",
+    "clamp_val",
+}
 QUANT_ALGOS = {
-    "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",
-    "W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
-    "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN",
-    "W4A8_QSERVE_PER_GROUP", "W4A8_QSERVE_PER_CHANNEL", "FP8", "FP8_PER_CHANNEL_PER_TOKEN",
-    "FP8_BLOCK_SCALES", "MIXED_PRECISION", "NVFP4", "W4A8_NVFP4_FP8", "W4A8_MXFP4_FP8",
-    "W4A8_MXFP4_MXFP8", "W4A16_MXFP4", "NO_QUANT",
+    "W8A16",
+    "W4A16",
+    "W4A16_AWQ",
+    "W4A8_AWQ",
+    "W8A16_GPTQ",
+    "W4A16_GPTQ",
+    "W8A8_SQ_PER_CHANNEL",
+    "W8A8_SQ_PER_TENSOR_PLUGIN",
+    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
+    "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
+    "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN",
+    "W4A8_QSERVE_PER_GROUP",
+    "W4A8_QSERVE_PER_CHANNEL",
+    "FP8",
+    "FP8_PER_CHANNEL_PER_TOKEN",
+    "FP8_BLOCK_SCALES",
+    "MIXED_PRECISION",
+    "NVFP4",
+    "W4A8_NVFP4_FP8",
+    "W4A8_MXFP4_FP8",
+    "W4A8_MXFP4_MXFP8",
+    "W4A16_MXFP4",
+    "NO_QUANT",
 }
 KV_CACHE_QUANT_ALGOS = {"FP8", "INT8", "NVFP4"}
 
@@ -65,10 +96,14 @@ def check_checkpoint(checkpoint: Path) -> list[str]:
         return [f"{path} is missing"]
     except ValueError as e:
         return [f"{path} is not valid JSON: {e}"]
-    problems = [f"config.json lacks required key '{k}'" for k in REQUIRED_CONFIG_KEYS if k not in config]
+    problems = [
+        f"config.json lacks required key '{k}'" for k in REQUIRED_CONFIG_KEYS if k not in config
+    ]
     quant = config.get("quantization") or {}
     for key in sorted(set(quant) - QUANTIZATION_KEYS):
-        problems.append(f"quantization.{key} is not a key TensorRT-LLM accepts (it rejects unknown keys)")
+        problems.append(
+            f"quantization.{key} is not a key TensorRT-LLM accepts (it rejects unknown keys)"
+        )
     algo = quant.get("quant_algo")
     if algo is not None and algo not in QUANT_ALGOS:
         problems.append(f"quantization.quant_algo {algo!r} is not supported by TensorRT-LLM")

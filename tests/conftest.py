@@ -17,6 +17,16 @@ def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory) -> Path:
+    """A private cache for the builtin model: converted once per test session (~30 s)."""
+    path = tmp_path_factory.mktemp("optimizer-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("OPTIMIZER_CACHE_DIR", str(path))
+    yield path
+    patch.undo()
+
+
 @pytest.fixture
 def write_recipe(tmp_path, tiny_llama):
     """Write a recipe YAML for the tiny Llama; returns its path."""

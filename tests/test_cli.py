@@ -10,14 +10,21 @@ from optimizer.cli import main
 
 
 def optimize(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "optimizer", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "optimizer", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 def test_help_is_fast_and_imports_no_torch():
-    code = ("import sys, optimizer.cli as c\n"
-            "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n")
+    code = (
+        "import sys, optimizer.cli as c\n"
+        "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "run" in proc.stdout and "validate" in proc.stdout and "exit codes" in proc.stdout
@@ -25,8 +32,10 @@ def test_help_is_fast_and_imports_no_torch():
 
 def test_validate_does_not_import_torch(write_recipe):
     path = write_recipe()
-    code = (f"import sys, optimizer.cli as c\nrc = c.main(['validate', {str(path)!r}])\n"
-            "assert rc == 0\nassert 'torch' not in sys.modules, 'validate imported torch'\n")
+    code = (
+        f"import sys, optimizer.cli as c\nrc = c.main(['validate', {str(path)!r}])\n"
+        "assert rc == 0\nassert 'torch' not in sys.modules, 'validate imported torch'\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
@@ -39,7 +48,8 @@ def test_validate_misspelt_key_exits_2_with_one_readable_message(write_recipe):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[0] == (
-        f"error: {bad}:{line}: calibration.num_sampels: unknown key 'num_sampels'; did you mean 'num_samples'?")
+        f"error: {bad}:{line}: calibration.num_sampels: unknown key 'num_sampels'; did you mean 'num_samples'?"
+    )
 
 
 def test_validate_reports_every_file(write_recipe, capsys):
@@ -63,7 +73,20 @@ def test_bad_flag_exits_2():
 
 def test_dry_run_prints_plan_and_writes_nothing(write_recipe, tmp_path, capsys):
     out_dir = tmp_path / "run"
-    assert main(["run", str(write_recipe()), "-o", str(out_dir), "--dry-run", "--set", "stages.ptq.kv_cache=fp8"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(write_recipe()),
+                "-o",
+                str(out_dir),
+                "--dry-run",
+                "--set",
+                "stages.ptq.kv_cache=fp8",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "kv_cache: fp8" in out and "[1/2] ptq(format=fp8, kv_cache=fp8)" in out
     assert not out_dir.exists()

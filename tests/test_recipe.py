@@ -35,7 +35,8 @@ def test_misspelt_key_names_file_line_path_and_suggestion(write_recipe):
 
 
 def test_every_problem_is_reported_at_once(write_recipe):
-    bad = write_recipe("""\
+    bad = write_recipe(
+        """\
 name: bad
 model:
   source: {model}
@@ -46,24 +47,43 @@ stages:
   - ptqq: {{format: fp8}}
   - export:
       trtllm_checkpoint: {{tp: 0}}
-""", name="bad.yaml")
+""",
+        name="bad.yaml",
+    )
     found = problems_of(bad)
     assert f"{bad}:4: model.dtpye: unknown key 'dtpye'; did you mean 'dtype'?" in found
     assert f"{bad}:5: calibraton: unknown key 'calibraton'; did you mean 'calibration'?" in found
-    assert any(p.startswith(f"{bad}:8: stages[0].ptqq: unknown stage type 'ptqq'; did you mean 'ptq'?") for p in found)
-    assert any(p.startswith(f"{bad}:10: stages[1].export.trtllm_checkpoint.tp:") and "greater than or equal to 1" in p for p in found)
+    assert any(
+        p.startswith(f"{bad}:8: stages[0].ptqq: unknown stage type 'ptqq'; did you mean 'ptq'?")
+        for p in found
+    )
+    assert any(
+        p.startswith(f"{bad}:10: stages[1].export.trtllm_checkpoint.tp:")
+        and "greater than or equal to 1" in p
+        for p in found
+    )
     assert len(found) == 4
 
 
 def test_bad_enum_value_lists_choices(write_recipe):
     found = problems_of(write_recipe(), ["stages.ptq.format=fp9"])
-    assert found == ["--set stages.ptq.format=fp9: stages[0].ptq.format: must be one of: 'fp8', not 'fp9'; did you mean 'fp8'?"]
+    assert found == [
+        "--set stages.ptq.format=fp9: stages[0].ptq.format: must be one of: 'fp8', not 'fp9'; did you mean 'fp8'?"
+    ]
 
 
 def test_duplicate_key_is_an_error(write_recipe):
-    bad = write_recipe(write_recipe().read_text().replace("  dtype: bfloat16", "  dtype: bfloat16\n  dtype: float16"), name="dup.yaml", raw=True)
+    bad = write_recipe(
+        write_recipe()
+        .read_text()
+        .replace("  dtype: bfloat16", "  dtype: bfloat16\n  dtype: float16"),
+        name="dup.yaml",
+        raw=True,
+    )
     found = problems_of(bad)
-    assert found == [f"{bad}:5: model.dtype: duplicate key (YAML would silently keep only the last one)"]
+    assert found == [
+        f"{bad}:5: model.dtype: duplicate key (YAML would silently keep only the last one)"
+    ]
 
 
 def test_invalid_yaml_points_at_line(tmp_path):
@@ -74,10 +94,15 @@ def test_invalid_yaml_points_at_line(tmp_path):
 
 
 def test_set_overrides_values_by_stage_name_and_index(write_recipe):
-    recipe = load_recipe(write_recipe(), [
-        "calibration.num_samples=4", "stages.ptq.kv_cache=fp8",
-        "stages.1.export.hf_checkpoint=false", "model.dtype=float16",
-    ])
+    recipe = load_recipe(
+        write_recipe(),
+        [
+            "calibration.num_samples=4",
+            "stages.ptq.kv_cache=fp8",
+            "stages.1.export.hf_checkpoint=false",
+            "model.dtype=float16",
+        ],
+    )
     assert recipe.calibration.num_samples == 4
     assert recipe.stages[0].kv_cache == "fp8"
     assert recipe.stages[1].hf_checkpoint is False
@@ -90,11 +115,14 @@ def test_set_rejects_malformed_assignments(write_recipe):
     with pytest.raises(OptimizerError, match="no list element 'gate'"):
         load_recipe(write_recipe(), ["stages.gate.suite=x"])
     found = problems_of(write_recipe(), ["calibration.num_sample=4"])
-    assert found == ["--set calibration.num_sample=4: calibration.num_sample: unknown key 'num_sample'; did you mean 'num_samples'?"]
+    assert found == [
+        "--set calibration.num_sample=4: calibration.num_sample: unknown key 'num_sample'; did you mean 'num_samples'?"
+    ]
 
 
 def test_ordering_rules_are_checked_before_loading(write_recipe):
-    bad = write_recipe("""\
+    bad = write_recipe(
+        """\
 name: order
 model: {{source: {model}}}
 calibration: {{dataset: {calib}}}
@@ -102,35 +130,55 @@ stages:
   - export: {{}}
   - ptq: {{format: fp8}}
   - ptq: {{format: fp8}}
-""", name="order.yaml")
+""",
+        name="order.yaml",
+    )
     found = problems_of(bad)
     assert any(":6: stages[1].ptq: 'ptq' comes after 'export'" in p for p in found)
-    assert any(":7: stages[2].ptq: the model is already quantized by an earlier ptq stage" in p for p in found)
+    assert any(
+        ":7: stages[2].ptq: the model is already quantized by an earlier ptq stage" in p
+        for p in found
+    )
 
 
 def test_ptq_without_calibration_is_refused(write_recipe):
-    bad = write_recipe("name: x\nmodel: {{source: {model}}}\nstages:\n  - ptq: {{format: fp8}}\n", name="nocal.yaml")
+    bad = write_recipe(
+        "name: x\nmodel: {{source: {model}}}\nstages:\n  - ptq: {{format: fp8}}\n",
+        name="nocal.yaml",
+    )
     (problem,) = problems_of(bad)
     assert ":4: stages[0].ptq: 'ptq' needs calibration data" in problem
 
 
 def test_export_of_nothing_is_refused(write_recipe):
-    bad = write_recipe("name: x\nmodel: {{source: {model}}}\nstages:\n  - export: {{trtllm_checkpoint: null}}\n", name="x.yaml")
+    bad = write_recipe(
+        "name: x\nmodel: {{source: {model}}}\nstages:\n  - export: {{trtllm_checkpoint: null}}\n",
+        name="x.yaml",
+    )
     (problem,) = problems_of(bad)
     assert "exports nothing" in problem
 
 
 def test_missing_files_are_found_at_validation(write_recipe, tmp_path):
-    bad = write_recipe("""\
+    bad = write_recipe(
+        """\
 name: files
 model: {{source: {missing}/model}}
 calibration: {{dataset: nowhere/calib.jsonl}}
 stages:
   - ptq: {{format: fp8}}
-""", name="files.yaml", missing=tmp_path / "absent")
+""",
+        name="files.yaml",
+        missing=tmp_path / "absent",
+    )
     found = problems_of(bad)
-    assert any(":2: model.source: " in p and "neither an existing local directory" in p for p in found)
-    assert any(":3: calibration.dataset: calibration file not found: nowhere/calib.jsonl" in p for p in found)
+    assert any(
+        ":2: model.source: " in p and "neither an existing local directory" in p for p in found
+    )
+    assert any(
+        ":3: calibration.dataset: calibration file not found: nowhere/calib.jsonl" in p
+        for p in found
+    )
 
 
 def test_relative_paths_resolve_against_the_recipe(tmp_path, tiny_llama):
@@ -140,19 +188,28 @@ def test_relative_paths_resolve_against_the_recipe(tmp_path, tiny_llama):
     sub.mkdir()
     (tmp_path / "calib.jsonl").write_text(CALIBRATION.read_text())
     recipe_path = sub / "r.yaml"
-    recipe_path.write_text(f"name: rel\nmodel: {{source: {tiny_llama}}}\ncalibration: {{dataset: ../calib.jsonl}}\nstages:\n  - ptq: {{format: fp8}}\n")
+    recipe_path.write_text(
+        f"name: rel\nmodel: {{source: {tiny_llama}}}\ncalibration: {{dataset: ../calib.jsonl}}\nstages:\n  - ptq: {{format: fp8}}\n"
+    )
     recipe = load_recipe(recipe_path)
     assert recipe.base_dir == sub
 
 
-@pytest.mark.parametrize("source,ok", [
-    ("builtin:smollm2-135m-instruct", True),
-    ("builtin:gpt5", False),
-    ("meta-llama/Meta-Llama-3-8B-Instruct", True),
-    ("not a model", False),
-])
+@pytest.mark.parametrize(
+    "source,ok",
+    [
+        ("builtin:smollm2-135m-instruct", True),
+        ("builtin:gpt5", False),
+        ("meta-llama/Meta-Llama-3-8B-Instruct", True),
+        ("not a model", False),
+    ],
+)
 def test_model_source_forms(write_recipe, source, ok):
-    path = write_recipe("name: s\nmodel: {{source: '{source}'}}\nstages:\n  - export: {{}}\n", name="s.yaml", source=source)
+    path = write_recipe(
+        "name: s\nmodel: {{source: '{source}'}}\nstages:\n  - export: {{}}\n",
+        name="s.yaml",
+        source=source,
+    )
     if ok:
         assert load_recipe(path).model.source == source
     else:

@@ -64,13 +64,19 @@ class Stage(BaseModel):
         problems: list[tuple[str, str]] = []
         if self.transforms_model and any(s.name == "export" for s in before):
             problems.append(
-                ("", f"'{self.name}' comes after 'export', so its changes would not reach the "
-                     "exported artifacts; move it before export")
+                (
+                    "",
+                    f"'{self.name}' comes after 'export', so its changes would not reach the "
+                    "exported artifacts; move it before export",
+                )
             )
         if self.needs_calibration and recipe.calibration is None:
             problems.append(
-                ("", f"'{self.name}' needs calibration data: add a top-level `calibration:` "
-                     "section (dataset, num_samples, seq_len)")
+                (
+                    "",
+                    f"'{self.name}' needs calibration data: add a top-level `calibration:` "
+                    "section (dataset, num_samples, seq_len)",
+                )
             )
         return problems
 

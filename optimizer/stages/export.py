@@ -54,14 +54,20 @@ class Export(Stage):
             out = ctx.new_output("trtllm_checkpoint")
             spec = self.trtllm_checkpoint
             export_tensorrt_llm_checkpoint(
-                model, get_model_type(model), dtype, out,
-                inference_tensor_parallel=spec.tp, inference_pipeline_parallel=spec.pp,
+                model,
+                get_model_type(model),
+                dtype,
+                out,
+                inference_tensor_parallel=spec.tp,
+                inference_pipeline_parallel=spec.pp,
             )
             # ModelOpt reads rope settings from attributes transformers 5 no longer sets.
             trtllm.apply_rope_settings(out, model.config)
             problems = trtllm.check_checkpoint(out)
             if problems:
-                raise RuntimeError("exported TensorRT-LLM checkpoint is invalid:\n  " + "\n  ".join(problems))
+                raise RuntimeError(
+                    "exported TensorRT-LLM checkpoint is invalid:\n  " + "\n  ".join(problems)
+                )
             ctx.tokenizer().save_pretrained(out)
             result.outputs["trtllm_checkpoint"] = out
             result.metrics["trtllm_checkpoint"] = trtllm.summarize(out)
@@ -72,5 +78,7 @@ class Export(Stage):
             export_hf_checkpoint(model, dtype=dtype, export_dir=out)
             ctx.tokenizer().save_pretrained(out)
             result.outputs["hf_checkpoint"] = out
-            result.metrics["hf_checkpoint_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+            result.metrics["hf_checkpoint_bytes"] = sum(
+                f.stat().st_size for f in out.rglob("*") if f.is_file()
+            )
         return result

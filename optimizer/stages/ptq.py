@@ -25,7 +25,9 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
-    "fp8": Format("FP8_DEFAULT_CFG", "FP8", "FP8 (E4M3) weights and activations, per-tensor scales"),
+    "fp8": Format(
+        "FP8_DEFAULT_CFG", "FP8", "FP8 (E4M3) weights and activations, per-tensor scales"
+    ),
 }
 KV_CACHE_PRESETS = {"fp8": "FP8_KV_CFG"}
 
@@ -61,8 +63,9 @@ class PTQ(Stage):
             kv = getattr(mtq, KV_CACHE_PRESETS[self.kv_cache])["quant_cfg"]
             cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, kv)
         # Entries apply in order and later ones win, so exclusions go last.
-        for pattern in self.exclude:
-            cfg["quant_cfg"].append({"quantizer_name": f"{pattern}*", "enable": False})
+        for pattern in self.exclude:  # module globs; quantizer names extend module names
+            glob = pattern if pattern.endswith("*") else f"{pattern}*"
+            cfg["quant_cfg"].append({"quantizer_name": glob, "enable": False})
         return cfg
 
     def run(self, ctx: StageContext) -> StageResult:
@@ -74,15 +77,22 @@ class PTQ(Stage):
         mtq.quantize(model, self.quant_config(), loop)
         seconds = time.time() - t0
         quantized = sorted(
-            name for name, module in model.named_modules()
+            name
+            for name, module in model.named_modules()
             if getattr(getattr(module, "weight_quantizer", None), "is_enabled", False)
         )
         if not quantized:
-            raise RuntimeError("no layer was quantized: check `exclude` against the model's module names")
-        ctx.log.info("quantized %d linear layers (%s) in %.1f s", len(quantized), self.format, seconds)
-        return StageResult(metrics={
-            "format": self.format,
-            "kv_cache": self.kv_cache,
-            "quantized_layers": len(quantized),
-            "calibration_seconds": round(seconds, 3),
-        })
+            raise RuntimeError(
+                "no layer was quantized: check `exclude` against the model's module names"
+            )
+        ctx.log.info(
+            "quantized %d linear layers (%s) in %.1f s", len(quantized), self.format, seconds
+        )
+        return StageResult(
+            metrics={
+                "format": self.format,
+                "kv_cache": self.kv_cache,
+                "quantized_layers": len(quantized),
+                "calibration_seconds": round(seconds, 3),
+            }
+        )
