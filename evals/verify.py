@@ -9,8 +9,9 @@ Checks, in order:
   1. every *.yaml under evals/tasks parses with lm-eval's own loader (including
      `!function` resolution) and is registered by TaskManager -- lm-eval's index
      silently skips YAMLs it cannot parse, so this is checked explicitly;
-  2. with no limit, len(task.eval_docs) equals the row count in data/MANIFEST.json
-     and the few-shot split is present where configured;
+  2. data files match the sha256 in data/MANIFEST.json; with no limit,
+     len(task.eval_docs) equals the manifest row count and the few-shot split
+     is present where configured;
   3. prompt parity: for every shipped doc, the local task renders the same
      context / choices / target as lm-eval's built-in task config run over the
      same rows (helpers in tasks/utils.py vs the built-in ones);
@@ -77,7 +78,12 @@ def check_registration():
 
 
 def check_counts(tm, names):
+    import hashlib
+
     manifest = json.loads((DATA_DIR / "MANIFEST.json").read_text())["files"]
+    for fname, meta in manifest.items():
+        if hashlib.sha256((DATA_DIR / fname).read_bytes()).hexdigest() != meta["sha256"]:
+            fail(f"data/{fname} does not match the sha256 in MANIFEST.json (rebuild with build_data.py)")
     tasks = {}
     for name in names:  # load each registered name on its own (groups expand to their tasks)
         tasks.update(tm.load(name)["tasks"])
@@ -95,7 +101,7 @@ def check_counts(tm, names):
             if n_fs != manifest[files[fs]]["rows"]:
                 fail(f"{name}: few-shot split {fs} has {n_fs} docs")
         counts[name] = got
-    print(f"[2] eval doc counts match MANIFEST.json: {counts} (total {sum(counts.values())})")
+    print(f"[2] data sha256 + eval doc counts match MANIFEST.json: {counts} (total {sum(counts.values())})")
     return tasks, counts
 
 

@@ -1,60 +1,98 @@
 """TensorRT-LLM checkpoint facts: the schema ``trtllm-build`` (1.2.x) accepts, fix-ups, checks.
 
 A TensorRT-LLM checkpoint is ``config.json`` + ``rank{r}.safetensors`` for each of
-``world_size = tp * pp`` ranks. Its ``quantization`` block is parsed strictly by TensorRT-LLM
-(unknown keys are errors), and ``quant_algo`` / ``kv_cache_quant_algo`` must be members of
-its QuantAlgo enum.
+``world_size = tp * pp`` ranks (rank = pp_rank * tp + tp_rank; with PP each rank file
+numbers its layers from 0). Its ``quantization`` block is parsed strictly by TensorRT-LLM
+(unknown keys are errors), ``quant_algo`` / ``kv_cache_quant_algo`` must be members of its
+QuantAlgo enum, and loading raises on a missing required tensor (extra ones only warn).
+
+:func:`check_checkpoint` verifies all of that for Llama-family decoders without torch: the
+safetensors headers say every tensor's dtype and shape.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REQUIRED_CONFIG_KEYS = (
-    "architecture",
-    "dtype",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-)
-QUANTIZATION_KEYS = {
-    "quant_algo",
-    "kv_cache_quant_algo",
-    "group_size",
-    "has_zero_point",
-    "pre_quant_scale",
-    "exclude_modules",
-    "smoothquant_val",
-    "clamp_val",
-}
+REQUIRED_CONFIG_KEYS = ("architecture", "dtype", "hidden_size", "num_hidden_layers", "num_attention_heads")
+DTYPES = ("float16", "bfloat16", "float32")
+QUANTIZATION_KEYS = {"quant_algo", "kv_cache_quant_algo", "group_size", "has_zero_point",
+                     "pre_quant_scale", "exclude_modules", "smoothquant_val", "clamp_val"}
 QUANT_ALGOS = {
-    "W8A16",
-    "W4A16",
-    "W4A16_AWQ",
-    "W4A8_AWQ",
-    "W8A16_GPTQ",
-    "W4A16_GPTQ",
-    "W8A8_SQ_PER_CHANNEL",
-    "W8A8_SQ_PER_TENSOR_PLUGIN",
-    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
-    "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
-    "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN",
-    "W4A8_QSERVE_PER_GROUP",
-    "W4A8_QSERVE_PER_CHANNEL",
-    "FP8",
-    "FP8_PER_CHANNEL_PER_TOKEN",
-    "FP8_BLOCK_SCALES",
-    "MIXED_PRECISION",
-    "NVFP4",
-    "W4A8_NVFP4_FP8",
-    "W4A8_MXFP4_FP8",
-    "W4A8_MXFP4_MXFP8",
-    "W4A16_MXFP4",
-    "NO_QUANT",
+    "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",
+    "W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
+    "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN",
+    "W4A8_QSERVE_PER_GROUP", "W4A8_QSERVE_PER_CHANNEL", "FP8", "FP8_PER_CHANNEL_PER_TOKEN",
+    "FP8_BLOCK_SCALES", "MIXED_PRECISION", "NVFP4", "W4A8_NVFP4_FP8", "W4A8_MXFP4_FP8",
+    "W4A8_MXFP4_MXFP8", "W4A16_MXFP4", "NO_QUANT",
 }
 KV_CACHE_QUANT_ALGOS = {"FP8", "INT8", "NVFP4"}
+FLOAT_DTYPES = {"BF16", "F16", "F32"}
+
+
+@dataclass(frozen=True)
+class LinearContract:
+    """What a quantized linear layer carries for one quant_algo (as ModelOpt 0.47 writes it)."""
+
+    weight_dtype: set[str]
+    #: Extra tensors by suffix; the value says their shape: "scalar", "out", "in", or
+    #: "block" (``[out, in / group]``).
+    tensors: dict[str, str]
+    #: Packed weight layout: "out_in" ([out, in]), "int4" ([out/2, in]), "fp4" ([out, in/2]).
+    packing: str = "out_in"
+    block_scale_dtype: str | None = None
+
+
+LINEAR_CONTRACTS: dict[str | None, LinearContract] = {
+    None: LinearContract(FLOAT_DTYPES, {}),
+    "FP8": LinearContract({"F8_E4M3"}, {"weights_scaling_factor": "scalar", "activation_scaling_factor": "scalar"}),
+    "FP8_PER_CHANNEL_PER_TOKEN": LinearContract({"F8_E4M3"}, {"per_channel_scale": "out"}),
+    "W8A16": LinearContract({"I8"}, {"weights_scaling_factor": "out"}),
+    "W8A8_SQ_PER_CHANNEL": LinearContract({"I8"}, {"weights_scaling_factor": "out", "activation_scaling_factor": "scalar",
+                                                  "prequant_scaling_factor": "in"}),
+    "W4A16_AWQ": LinearContract({"I8"}, {"weights_scaling_factor": "block", "prequant_scaling_factor": "in"},
+                                packing="int4"),
+    "W4A8_AWQ": LinearContract({"I8"}, {"weights_scaling_factor": "block", "prequant_scaling_factor": "in",
+                                       "activation_scaling_factor": "scalar", "weights_scaling_factor_2": "scalar"},
+                               packing="int4"),
+    "NVFP4": LinearContract({"U8"}, {"weights_scaling_factor": "block", "weights_scaling_factor_2": "scalar",
+                                    "activation_scaling_factor": "scalar"}, packing="fp4", block_scale_dtype="F8_E4M3"),
+}
+LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
+NORMS = ("input_layernorm", "post_layernorm")
+
+HINTS = {
+    "unknown_key": "TensorRT-LLM 1.2 parses `quantization` strictly; the checkpoint was written by a "
+                   "different ModelOpt/TensorRT-LLM version. Re-export with nvidia-modelopt 0.47 or remove the key.",
+    "algo": "Use a format TensorRT-LLM 1.2 builds (fp8, int8_sq, int4_awq, w4a8_awq, nvfp4, ...) or deploy the "
+            "unified HF checkpoint with the PyTorch backend instead.",
+    "rank": "Each of world_size = tp * pp ranks needs its own file; the export was interrupted or files were "
+            "lost. Re-run the export stage (optimize run ... --resume redoes it).",
+    "scale": "A quantized layer lacks a calibrated scale: it was not calibrated (no activations reached it) "
+             "or the checkpoint was edited. Re-run ptq with calibration data and export again.",
+    "tensor": "trtllm-build raises on a missing required tensor. Re-export the checkpoint.",
+    "shape": "The tensor does not match the config (hidden sizes, heads, tp). Re-export with the intended "
+             "tp/pp, or fix config.json to describe the weights.",
+    "config": "See TensorRT-LLM's checkpoint docs: config.json needs architecture, dtype and the model dimensions.",
+}
+
+
+@dataclass(frozen=True)
+class CheckProblem:
+    message: str
+    hint: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --------------------------------------------------------------------------- rope fix-up
 
 
 def rope_settings(hf_config: Any) -> dict[str, Any]:
@@ -87,34 +125,239 @@ def apply_rope_settings(checkpoint: Path, hf_config: Any) -> None:
         path.write_text(json.dumps(config, indent=4) + "\n")
 
 
-def check_checkpoint(checkpoint: Path) -> list[str]:
-    """Problems that would make ``trtllm-build`` reject the checkpoint (empty if none)."""
+# --------------------------------------------------------------------------- safetensors
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {dtype, shape} from a safetensors file, reading only its header.
+
+    Raises ValueError for a file that is not safetensors or is truncated.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ValueError("file is shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100 * 2**20):
+            raise ValueError("header length is larger than the file")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError as e:
+            raise ValueError(f"header is not JSON ({e})") from None
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"truncated: tensors need {8 + n + end} bytes, the file has {size}")
+    return {k: {"dtype": v["dtype"], "shape": list(v["shape"])} for k, v in header.items()}
+
+
+# --------------------------------------------------------------------------- the check
+
+
+def kind_of(path: Path) -> str:
+    """'trtllm_checkpoint', 'engine', 'hf', or 'unknown' (tools tell them apart by config.json)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    if "pretrained_config" in config and "build_config" in config:
+        return "engine"
+    if "architecture" in config and "dtype" in config:
+        return "trtllm_checkpoint"
+    if "architectures" in config or "model_type" in config:
+        return "hf"
+    return "unknown"
+
+
+def check_checkpoint(checkpoint: Path) -> list[CheckProblem]:
+    """Every problem that would make ``trtllm-build`` reject the checkpoint (empty if none)."""
+    problems: list[CheckProblem] = []
+
+    def bad(message: str, hint: str) -> None:
+        problems.append(CheckProblem(message, HINTS[hint]))
+
     path = checkpoint / "config.json"
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
-        return [f"{path} is missing"]
+        return [CheckProblem(f"{path} is missing", HINTS["config"])]
     except ValueError as e:
-        return [f"{path} is not valid JSON: {e}"]
-    problems = [
-        f"config.json lacks required key '{k}'" for k in REQUIRED_CONFIG_KEYS if k not in config
-    ]
+        return [CheckProblem(f"{path} is not valid JSON: {e}", HINTS["config"])]
+    if kind_of(checkpoint) == "engine":
+        return [CheckProblem("this is a built engine directory, not a checkpoint", HINTS["config"])]
+    for key in REQUIRED_CONFIG_KEYS:
+        if key not in config:
+            bad(f"config.json lacks required key '{key}'", "config")
+    if "dtype" in config and config["dtype"] not in DTYPES:
+        bad(f"config.json dtype {config['dtype']!r} is not one of {', '.join(DTYPES)}", "config")
+
     quant = config.get("quantization") or {}
     for key in sorted(set(quant) - QUANTIZATION_KEYS):
-        problems.append(
-            f"quantization.{key} is not a key TensorRT-LLM accepts (it rejects unknown keys)"
-        )
+        bad(f"quantization.{key} is not a key TensorRT-LLM accepts (it rejects unknown keys)", "unknown_key")
     algo = quant.get("quant_algo")
     if algo is not None and algo not in QUANT_ALGOS:
-        problems.append(f"quantization.quant_algo {algo!r} is not supported by TensorRT-LLM")
+        bad(f"quantization.quant_algo {algo!r} is not supported by TensorRT-LLM", "algo")
     kv = quant.get("kv_cache_quant_algo")
     if kv is not None and kv not in KV_CACHE_QUANT_ALGOS:
-        problems.append(f"quantization.kv_cache_quant_algo {kv!r} is not supported by TensorRT-LLM")
+        bad(f"quantization.kv_cache_quant_algo {kv!r} is not supported by TensorRT-LLM", "algo")
+
     mapping = config.get("mapping") or {}
-    world = int(mapping.get("world_size", 1))
+    tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
+    world = int(mapping.get("world_size", tp * pp))
+    if world != tp * pp:
+        bad(f"mapping.world_size {world} is not tp_size x pp_size = {tp * pp}", "config")
+    headers: dict[int, dict[str, dict[str, Any]]] = {}
     for r in range(world):
-        if not (checkpoint / f"rank{r}.safetensors").is_file():
-            problems.append(f"rank{r}.safetensors is missing (world_size is {world})")
+        f = checkpoint / f"rank{r}.safetensors"
+        if not f.is_file():
+            bad(f"rank{r}.safetensors is missing (world_size is {world})", "rank")
+            continue
+        try:
+            headers[r] = read_safetensors_header(f)
+        except ValueError as e:
+            bad(f"rank{r}.safetensors is unreadable: {e}", "rank")
+    if problems or algo not in LINEAR_CONTRACTS and algo not in ("MIXED_PRECISION", "NO_QUANT"):
+        return problems  # tensor checks only make sense on a structurally sound checkpoint
+
+    per_layer_algo = _per_layer_algos(checkpoint, quant, problems)
+    problems += _check_tensors(config, quant, per_layer_algo, headers, tp, pp)
+    return problems
+
+
+def _per_layer_algos(checkpoint: Path, quant: dict, problems: list[CheckProblem]) -> dict[str, str | None] | None:
+    """For MIXED_PRECISION, layer name -> quant_algo from quant_cfg.json."""
+    if quant.get("quant_algo") != "MIXED_PRECISION":
+        return None
+    try:
+        cfg = json.loads((checkpoint / "quant_cfg.json").read_text())
+    except (OSError, ValueError) as e:
+        problems.append(CheckProblem(f"quant_cfg.json is required for MIXED_PRECISION and unreadable: {e}",
+                                     HINTS["config"]))
+        return {}
+    layers = cfg.get("quantized_layers") or {}
+    out = {}
+    for name, entry in layers.items():
+        layer_algo = (entry or {}).get("quant_algo")
+        if layer_algo not in LINEAR_CONTRACTS:
+            problems.append(CheckProblem(f"quant_cfg.json: layer {name} has quant_algo {layer_algo!r}, which "
+                                         "TensorRT-LLM cannot build per layer", HINTS["algo"]))
+        out[name] = layer_algo
+    return out
+
+
+def _layer_shapes(config: dict, tp: int) -> dict[str, tuple[int, int]]:
+    """(out, in) of each linear of one layer on one tensor-parallel rank."""
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    head = config.get("head_size") or hidden // heads
+    inter = config.get("intermediate_size") or 4 * hidden
+    kv_per_rank = max(kv // tp, 1)  # KV heads are replicated when tp exceeds them
+    return {
+        "attention.qkv": ((heads // tp + 2 * kv_per_rank) * head, hidden),
+        "attention.dense": (hidden, heads * head // tp),
+        "mlp.fc": (inter // tp, hidden),
+        "mlp.gate": (inter // tp, hidden),
+        "mlp.proj": (hidden, inter // tp),
+    }
+
+
+def _check_tensors(config, quant, per_layer_algo, headers, tp, pp) -> list[CheckProblem]:
+    problems: list[CheckProblem] = []
+    if not headers or any(k not in config for k in ("hidden_size", "num_attention_heads", "num_hidden_layers")):
+        return problems
+    shapes = _layer_shapes(config, tp)
+    excluded = quant.get("exclude_modules") or []
+    group = quant.get("group_size")
+    layers_seen = 0
+    for r, tensors in sorted(headers.items()):
+        pp_rank, tp_rank = divmod(r, tp)
+        where = f"rank{r}"
+        local = sorted({int(m.group(1)) for k in tensors if (m := re.match(r"transformer\.layers\.(\d+)\.", k))})
+        if local != list(range(len(local))):
+            problems.append(CheckProblem(f"{where}: layer indices {local} are not contiguous from 0", HINTS["tensor"]))
+            continue
+        offset = layers_seen
+        if tp_rank == tp - 1:
+            layers_seen += len(local)
+        required = []
+        if pp_rank == 0:
+            required.append("transformer.vocab_embedding.weight")
+        if pp_rank == pp - 1:
+            required.append("transformer.ln_f.weight")
+            if not config.get("share_embedding_table"):
+                required.append("lm_head.weight")
+        for name in required:
+            if name not in tensors:
+                problems.append(CheckProblem(f"{where}: required tensor {name} is missing", HINTS["tensor"]))
+        for i in local:
+            prefix = f"transformer.layers.{i}"
+            global_prefix = f"transformer.layers.{offset + i}"
+            for norm in NORMS:
+                if f"{prefix}.{norm}.weight" not in tensors:
+                    problems.append(CheckProblem(f"{where}: required tensor {prefix}.{norm}.weight is missing",
+                                                 HINTS["tensor"]))
+            for linear in LINEARS:
+                layer_name = f"{global_prefix}.{linear}"
+                if per_layer_algo is not None:
+                    algo = per_layer_algo.get(layer_name)
+                elif any(fnmatch.fnmatchcase(layer_name, p) for p in excluded):
+                    algo = None
+                else:
+                    algo = quant.get("quant_algo")
+                    algo = None if algo == "NO_QUANT" else algo
+                problems += _check_linear(where, f"{prefix}.{linear}", tensors, LINEAR_CONTRACTS.get(algo),
+                                          algo, shapes[linear], group)
+            kv = quant.get("kv_cache_quant_algo")
+            if kv is not None and f"{prefix}.attention.kv_cache_scaling_factor" not in tensors:
+                problems.append(CheckProblem(
+                    f"{where}: {prefix}.attention.kv_cache_scaling_factor is missing ({kv} KV cache)", HINTS["scale"]))
+    layers = config["num_hidden_layers"]
+    if layers_seen != layers and not problems:
+        problems.append(CheckProblem(f"the rank files hold {layers_seen} layers, config.json says {layers}",
+                                     HINTS["shape"]))
+    return problems
+
+
+def _check_linear(where, name, tensors, contract, algo, out_in, group) -> list[CheckProblem]:
+    if contract is None:
+        return []
+    problems = []
+    weight = tensors.get(f"{name}.weight")
+    if weight is None:
+        return [CheckProblem(f"{where}: required tensor {name}.weight is missing", HINTS["tensor"])]
+    label = algo or "unquantized"
+    if weight["dtype"] not in contract.weight_dtype:
+        problems.append(CheckProblem(
+            f"{where}: {name}.weight is {weight['dtype']}, expected {'/'.join(sorted(contract.weight_dtype))} "
+            f"for {label}", HINTS["shape"]))
+    out, inp = out_in
+    expected = {"out_in": [out, inp], "int4": [out // 2, inp], "fp4": [out, inp // 2]}[contract.packing]
+    if weight["shape"] != expected:
+        problems.append(CheckProblem(f"{where}: {name}.weight has shape {weight['shape']}, expected {expected} "
+                                     f"({label})", HINTS["shape"]))
+    block = 16 if contract.packing == "fp4" else group
+    for suffix, kind in contract.tensors.items():
+        t = tensors.get(f"{name}.{suffix}")
+        if t is None:
+            problems.append(CheckProblem(f"{where}: {name}.{suffix} is missing on a {label} layer",
+                                         HINTS["scale" if "scaling" in suffix or "scale" in suffix else "tensor"]))
+            continue
+        numel = 1
+        for d in t["shape"]:
+            numel *= d
+        want = {"scalar": None, "out": [out], "in": [inp],
+                "block": [out, inp // block] if block else None}[kind]
+        if kind == "scalar" and numel != 1:
+            problems.append(CheckProblem(f"{where}: {name}.{suffix} should be a single value, has shape {t['shape']}",
+                                         HINTS["shape"]))
+        elif want is not None and t["shape"] != want:
+            problems.append(CheckProblem(f"{where}: {name}.{suffix} has shape {t['shape']}, expected {want}",
+                                         HINTS["shape"]))
+        if kind == "block" and contract.block_scale_dtype and t["dtype"] != contract.block_scale_dtype:
+            problems.append(CheckProblem(f"{where}: {name}.{suffix} is {t['dtype']}, expected "
+                                         f"{contract.block_scale_dtype}", HINTS["shape"]))
     return problems
 
 
