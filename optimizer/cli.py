@@ -139,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
         "or CUDA GPU machine, e.g. to check a GPU job's recipe from a laptop",
     )
     _add_set(validate)
+
+    check = verbs.add_parser(
+        "check",
+        help="check a TensorRT-LLM checkpoint against what trtllm-build 1.2 accepts",
+        description="Check a TensorRT-LLM checkpoint directory (config.json + rank files) against "
+        "TensorRT-LLM 1.2's contract: required config keys, quantization keys and algorithms, one "
+        "rank file per rank, every required tensor and scale with its shape and dtype. Reads only "
+        "safetensors headers. Exit 2 if anything is wrong.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("paths", metavar="PATH", nargs="+", type=Path, help="checkpoint directories")
     return parser
 
 
@@ -212,7 +224,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate}
+def cmd_check(args: argparse.Namespace) -> int:
+    from optimizer import trtllm
+
+    failed = 0
+    for path in args.paths:
+        if not path.is_dir():
+            print(f"error: {path}: not a directory", file=sys.stderr)
+            failed += 1
+            continue
+        kind = trtllm.kind_of(path)
+        if kind == "hf":
+            print(
+                f"error: {path}: this is a Hugging Face checkpoint, not a TensorRT-LLM one "
+                "(trtllm-build would fail with KeyError: 'architecture'); export it with the "
+                "export stage's trtllm_checkpoint",
+                file=sys.stderr,
+            )
+            failed += 1
+            continue
+        problems = trtllm.check_checkpoint(path)
+        if not problems:
+            s = trtllm.summarize(path)
+            print(
+                f"ok: {path} (quant_algo {s['quant_algo']}, kv cache {s['kv_cache_quant_algo']}, "
+                f"{s['world_size']} rank(s), {s['bytes'] / 1e6:.1f} MB)"
+            )
+            continue
+        failed += 1
+        hints: list[str] = []
+        for problem in problems:
+            print(f"error: {path}: {problem.message}", file=sys.stderr)
+            if problem.hint not in hints:
+                hints.append(problem.hint)
+        for hint in hints:
+            print(f"  hint: {hint}", file=sys.stderr)
+    return EXIT_BAD_INPUT if failed else EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "check": cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,8 @@ class Format:
     block_size: int | None = None
     #: Whether the recipe may choose the group size (NVFP4's 16 is fixed by the format).
     group_size_choosable: bool = False
+    #: Why a TensorRT-LLM checkpoint of this format cannot be built (when trtllm_algo is None).
+    trtllm_note: str = ""
 
 
 FORMATS: dict[str, Format] = {
@@ -58,8 +60,10 @@ FORMATS: dict[str, Format] = {
             "int8_wo",
             "INT8_WEIGHT_ONLY_CFG",
             "INT8 weight-only (W8A16), per-channel",
-            "W8A16",
+            None,
             ("max", "mse"),
+            trtllm_note="ModelOpt 0.47 writes W8A16 weights as [out, in] with weights_scaling_factor, "
+            "while TensorRT-LLM 1.2 loads [in, out] with per_channel_scale",
         ),
         Format(
             "int4_awq",
@@ -96,6 +100,7 @@ FORMATS: dict[str, Format] = {
             ("awq_lite", "awq_full", "awq_clip"),
             needs_gpu=True,
             block_size=16,
+            trtllm_note="ModelOpt exports it as quant_algo NVFP4_AWQ, unknown to TensorRT-LLM 1.2",
         ),
         Format(
             "w4a16_nvfp4",
@@ -105,6 +110,7 @@ FORMATS: dict[str, Format] = {
             ("max",),
             needs_gpu=True,
             block_size=16,
+            trtllm_note="ModelOpt exports it as quant_algo W4A16_NVFP4, unknown to TensorRT-LLM 1.2",
         ),
     )
 }
@@ -211,4 +217,32 @@ def check_block_size(
     return [
         f"{fmt} uses blocks of {block} along the input dimension, which do not divide the "
         f"model's {what}{hint}"
+    ]
+
+
+def trtllm_layout_problems(
+    fmt: str, group_size: int | None, tp: int, model_config: dict[str, Any] | None
+) -> list[str]:
+    """AWQ layouts TensorRT-LLM 1.2 cannot load: it pads int4 GEMM dimensions to multiples of
+    max(64, g) x tp (W4A8: max(128, g) x tp) and then fails on the checkpoint's shapes; W4A8
+    with group 64 is not implemented there at all."""
+    spec = FORMATS[fmt]
+    if spec.trtllm_algo not in ("W4A16_AWQ", "W4A8_AWQ"):
+        return []
+    g = group_size or spec.block_size or 128
+    if spec.trtllm_algo == "W4A8_AWQ" and g == 64:
+        return ["TensorRT-LLM 1.2 does not implement W4A8 AWQ with group_size 64"]
+    if model_config is None:
+        return []
+    multiple = max(128 if spec.trtllm_algo == "W4A8_AWQ" else 64, g) * tp
+    dims = dict(linear_input_dims(model_config))
+    inter = model_config.get("intermediate_size")
+    if isinstance(inter, int):
+        dims["intermediate_size (gate/up output)"] = inter
+    bad = ", ".join(f"{n} = {d}" for n, d in dims.items() if d % multiple)
+    if not bad:
+        return []
+    return [
+        f"TensorRT-LLM 1.2 needs {fmt} GEMM dimensions to be multiples of {multiple} "
+        f"(max({128 if spec.trtllm_algo == 'W4A8_AWQ' else 64}, group_size) x tp), but the model has {bad}"
     ]

@@ -20,17 +20,50 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REQUIRED_CONFIG_KEYS = ("architecture", "dtype", "hidden_size", "num_hidden_layers", "num_attention_heads")
+REQUIRED_CONFIG_KEYS = (
+    "architecture",
+    "dtype",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
 DTYPES = ("float16", "bfloat16", "float32")
-QUANTIZATION_KEYS = {"quant_algo", "kv_cache_quant_algo", "group_size", "has_zero_point",
-                     "pre_quant_scale", "exclude_modules", "smoothquant_val", "clamp_val"}
+QUANTIZATION_KEYS = {
+    "quant_algo",
+    "kv_cache_quant_algo",
+    "group_size",
+    "has_zero_point",
+    "pre_quant_scale",
+    "exclude_modules",
+    "smoothquant_val",
+    "clamp_val",
+    "use_meta_recipe",
+    "mamba_ssm_cache_dtype",
+}
 QUANT_ALGOS = {
-    "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",
-    "W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
-    "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN",
-    "W4A8_QSERVE_PER_GROUP", "W4A8_QSERVE_PER_CHANNEL", "FP8", "FP8_PER_CHANNEL_PER_TOKEN",
-    "FP8_BLOCK_SCALES", "MIXED_PRECISION", "NVFP4", "W4A8_NVFP4_FP8", "W4A8_MXFP4_FP8",
-    "W4A8_MXFP4_MXFP8", "W4A16_MXFP4", "NO_QUANT",
+    "W8A16",
+    "W4A16",
+    "W4A16_AWQ",
+    "W4A8_AWQ",
+    "W8A16_GPTQ",
+    "W4A16_GPTQ",
+    "W8A8_SQ_PER_CHANNEL",
+    "W8A8_SQ_PER_TENSOR_PLUGIN",
+    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
+    "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
+    "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN",
+    "W4A8_QSERVE_PER_GROUP",
+    "W4A8_QSERVE_PER_CHANNEL",
+    "FP8",
+    "FP8_PER_CHANNEL_PER_TOKEN",
+    "FP8_BLOCK_SCALES",
+    "MIXED_PRECISION",
+    "NVFP4",
+    "W4A8_NVFP4_FP8",
+    "W4A8_MXFP4_FP8",
+    "W4A8_MXFP4_MXFP8",
+    "W4A16_MXFP4",
+    "NO_QUANT",
 }
 KV_CACHE_QUANT_ALGOS = {"FP8", "INT8", "NVFP4"}
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
@@ -44,41 +77,68 @@ class LinearContract:
     #: Extra tensors by suffix; the value says their shape: "scalar", "out", "in", or
     #: "block" (``[out, in / group]``).
     tensors: dict[str, str]
-    #: Packed weight layout: "out_in" ([out, in]), "int4" ([out/2, in]), "fp4" ([out, in/2]).
+    #: Weight layout: "out_in" ([out, in]), "in_out" ([in, out]), "int4" ([out/2, in]),
+    #: "fp4" ([out, in/2]).
     packing: str = "out_in"
     block_scale_dtype: str | None = None
 
 
 LINEAR_CONTRACTS: dict[str | None, LinearContract] = {
     None: LinearContract(FLOAT_DTYPES, {}),
-    "FP8": LinearContract({"F8_E4M3"}, {"weights_scaling_factor": "scalar", "activation_scaling_factor": "scalar"}),
+    "FP8": LinearContract(
+        {"F8_E4M3"}, {"weights_scaling_factor": "scalar", "activation_scaling_factor": "scalar"}
+    ),
     "FP8_PER_CHANNEL_PER_TOKEN": LinearContract({"F8_E4M3"}, {"per_channel_scale": "out"}),
-    "W8A16": LinearContract({"I8"}, {"weights_scaling_factor": "out"}),
-    "W8A8_SQ_PER_CHANNEL": LinearContract({"I8"}, {"weights_scaling_factor": "out", "activation_scaling_factor": "scalar",
-                                                  "prequant_scaling_factor": "in"}),
-    "W4A16_AWQ": LinearContract({"I8"}, {"weights_scaling_factor": "block", "prequant_scaling_factor": "in"},
-                                packing="int4"),
-    "W4A8_AWQ": LinearContract({"I8"}, {"weights_scaling_factor": "block", "prequant_scaling_factor": "in",
-                                       "activation_scaling_factor": "scalar", "weights_scaling_factor_2": "scalar"},
-                               packing="int4"),
-    "NVFP4": LinearContract({"U8"}, {"weights_scaling_factor": "block", "weights_scaling_factor_2": "scalar",
-                                    "activation_scaling_factor": "scalar"}, packing="fp4", block_scale_dtype="F8_E4M3"),
+    # Float weights (quantized when TensorRT-LLM loads them) or its own int8 layout [in, out]
+    # with per_channel_scale; ModelOpt 0.47's int8 [out, in] + weights_scaling_factor is neither.
+    "W8A16": LinearContract({"I8"}, {"per_channel_scale": "out"}, packing="in_out"),
+    "W8A8_SQ_PER_CHANNEL": LinearContract(
+        {"I8"},
+        {
+            "weights_scaling_factor": "out",
+            "activation_scaling_factor": "scalar",
+            "prequant_scaling_factor": "in",
+        },
+    ),
+    "W4A16_AWQ": LinearContract(
+        {"I8"}, {"weights_scaling_factor": "block", "prequant_scaling_factor": "in"}, packing="int4"
+    ),
+    "W4A8_AWQ": LinearContract(
+        {"I8"},
+        {
+            "weights_scaling_factor": "block",
+            "prequant_scaling_factor": "in",
+            "activation_scaling_factor": "scalar",
+            "weights_scaling_factor_2": "scalar",
+        },
+        packing="int4",
+    ),
+    "NVFP4": LinearContract(
+        {"U8"},
+        {
+            "weights_scaling_factor": "block",
+            "weights_scaling_factor_2": "scalar",
+            "activation_scaling_factor": "scalar",
+        },
+        packing="fp4",
+        block_scale_dtype="F8_E4M3",
+    ),
 }
 LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
 NORMS = ("input_layernorm", "post_layernorm")
 
 HINTS = {
     "unknown_key": "TensorRT-LLM 1.2 parses `quantization` strictly; the checkpoint was written by a "
-                   "different ModelOpt/TensorRT-LLM version. Re-export with nvidia-modelopt 0.47 or remove the key.",
+    "different ModelOpt/TensorRT-LLM version. Re-export with nvidia-modelopt 0.47 or remove the key.",
     "algo": "Use a format TensorRT-LLM 1.2 builds (fp8, int8_sq, int4_awq, w4a8_awq, nvfp4, ...) or deploy the "
-            "unified HF checkpoint with the PyTorch backend instead.",
+    "unified HF checkpoint with the PyTorch backend instead.",
     "rank": "Each of world_size = tp * pp ranks needs its own file; the export was interrupted or files were "
-            "lost. Re-run the export stage (optimize run ... --resume redoes it).",
+    "lost. Re-run the export stage (optimize run ... --resume redoes it).",
     "scale": "A quantized layer lacks a calibrated scale: it was not calibrated (no activations reached it) "
-             "or the checkpoint was edited. Re-run ptq with calibration data and export again.",
+    "or the checkpoint was edited. Re-run ptq with calibration data and export again.",
     "tensor": "trtllm-build raises on a missing required tensor. Re-export the checkpoint.",
     "shape": "The tensor does not match the config (hidden sizes, heads, tp). Re-export with the intended "
-             "tp/pp, or fix config.json to describe the weights.",
+    "tp/pp, or fix config.json to describe the weights.",
     "config": "See TensorRT-LLM's checkpoint docs: config.json needs architecture, dtype and the model dimensions.",
 }
 
@@ -194,7 +254,10 @@ def check_checkpoint(checkpoint: Path) -> list[CheckProblem]:
 
     quant = config.get("quantization") or {}
     for key in sorted(set(quant) - QUANTIZATION_KEYS):
-        bad(f"quantization.{key} is not a key TensorRT-LLM accepts (it rejects unknown keys)", "unknown_key")
+        bad(
+            f"quantization.{key} is not a key TensorRT-LLM accepts (it rejects unknown keys)",
+            "unknown_key",
+        )
     algo = quant.get("quant_algo")
     if algo is not None and algo not in QUANT_ALGOS:
         bad(f"quantization.quant_algo {algo!r} is not supported by TensorRT-LLM", "algo")
@@ -225,23 +288,34 @@ def check_checkpoint(checkpoint: Path) -> list[CheckProblem]:
     return problems
 
 
-def _per_layer_algos(checkpoint: Path, quant: dict, problems: list[CheckProblem]) -> dict[str, str | None] | None:
+def _per_layer_algos(
+    checkpoint: Path, quant: dict, problems: list[CheckProblem]
+) -> dict[str, str | None] | None:
     """For MIXED_PRECISION, layer name -> quant_algo from quant_cfg.json."""
     if quant.get("quant_algo") != "MIXED_PRECISION":
         return None
     try:
         cfg = json.loads((checkpoint / "quant_cfg.json").read_text())
     except (OSError, ValueError) as e:
-        problems.append(CheckProblem(f"quant_cfg.json is required for MIXED_PRECISION and unreadable: {e}",
-                                     HINTS["config"]))
+        problems.append(
+            CheckProblem(
+                f"quant_cfg.json is required for MIXED_PRECISION and unreadable: {e}",
+                HINTS["config"],
+            )
+        )
         return {}
     layers = cfg.get("quantized_layers") or {}
     out = {}
     for name, entry in layers.items():
         layer_algo = (entry or {}).get("quant_algo")
         if layer_algo not in LINEAR_CONTRACTS:
-            problems.append(CheckProblem(f"quant_cfg.json: layer {name} has quant_algo {layer_algo!r}, which "
-                                         "TensorRT-LLM cannot build per layer", HINTS["algo"]))
+            problems.append(
+                CheckProblem(
+                    f"quant_cfg.json: layer {name} has quant_algo {layer_algo!r}, which "
+                    "TensorRT-LLM cannot build per layer",
+                    HINTS["algo"],
+                )
+            )
         out[name] = layer_algo
     return out
 
@@ -253,7 +327,7 @@ def _layer_shapes(config: dict, tp: int) -> dict[str, tuple[int, int]]:
     kv = config.get("num_key_value_heads") or heads
     head = config.get("head_size") or hidden // heads
     inter = config.get("intermediate_size") or 4 * hidden
-    kv_per_rank = max(kv // tp, 1)  # KV heads are replicated when tp exceeds them
+    kv_per_rank = -(-kv // tp)  # TensorRT-LLM holds whole KV heads: ceil(KV / tp) per rank
     return {
         "attention.qkv": ((heads // tp + 2 * kv_per_rank) * head, hidden),
         "attention.dense": (hidden, heads * head // tp),
@@ -265,18 +339,59 @@ def _layer_shapes(config: dict, tp: int) -> dict[str, tuple[int, int]]:
 
 def _check_tensors(config, quant, per_layer_algo, headers, tp, pp) -> list[CheckProblem]:
     problems: list[CheckProblem] = []
-    if not headers or any(k not in config for k in ("hidden_size", "num_attention_heads", "num_hidden_layers")):
+    if not headers or any(
+        k not in config for k in ("hidden_size", "num_attention_heads", "num_hidden_layers")
+    ):
         return problems
     shapes = _layer_shapes(config, tp)
     excluded = quant.get("exclude_modules") or []
     group = quant.get("group_size")
+    algos = set((per_layer_algo or {}).values()) | {quant.get("quant_algo")}
+    for awq, floor in (("W4A16_AWQ", 64), ("W4A8_AWQ", 128)):
+        if awq in algos:
+            if awq == "W4A8_AWQ" and group == 64:
+                problems.append(
+                    CheckProblem(
+                        "W4A8_AWQ with group_size 64 is not implemented in TensorRT-LLM 1.2",
+                        HINTS["algo"],
+                    )
+                )
+            multiple = max(floor, group or 128) * tp
+            dims = {
+                "hidden_size": config["hidden_size"],
+                "intermediate_size": config.get("intermediate_size"),
+                "attention width": config["num_attention_heads"]
+                * (
+                    config.get("head_size")
+                    or config["hidden_size"] // config["num_attention_heads"]
+                ),
+            }
+            for dim_name, dim in dims.items():
+                if isinstance(dim, int) and dim % multiple:
+                    problems.append(
+                        CheckProblem(
+                            f"{awq}: {dim_name} {dim} is not a multiple of {multiple} (max({floor}, group_size) x tp); "
+                            "TensorRT-LLM pads it and then fails on the checkpoint's shapes",
+                            HINTS["shape"],
+                        )
+                    )
     layers_seen = 0
     for r, tensors in sorted(headers.items()):
         pp_rank, tp_rank = divmod(r, tp)
         where = f"rank{r}"
-        local = sorted({int(m.group(1)) for k in tensors if (m := re.match(r"transformer\.layers\.(\d+)\.", k))})
+        local = sorted(
+            {
+                int(m.group(1))
+                for k in tensors
+                if (m := re.match(r"transformer\.layers\.(\d+)\.", k))
+            }
+        )
         if local != list(range(len(local))):
-            problems.append(CheckProblem(f"{where}: layer indices {local} are not contiguous from 0", HINTS["tensor"]))
+            problems.append(
+                CheckProblem(
+                    f"{where}: layer indices {local} are not contiguous from 0", HINTS["tensor"]
+                )
+            )
             continue
         offset = layers_seen
         if tp_rank == tp - 1:
@@ -290,14 +405,20 @@ def _check_tensors(config, quant, per_layer_algo, headers, tp, pp) -> list[Check
                 required.append("lm_head.weight")
         for name in required:
             if name not in tensors:
-                problems.append(CheckProblem(f"{where}: required tensor {name} is missing", HINTS["tensor"]))
+                problems.append(
+                    CheckProblem(f"{where}: required tensor {name} is missing", HINTS["tensor"])
+                )
         for i in local:
             prefix = f"transformer.layers.{i}"
             global_prefix = f"transformer.layers.{offset + i}"
             for norm in NORMS:
                 if f"{prefix}.{norm}.weight" not in tensors:
-                    problems.append(CheckProblem(f"{where}: required tensor {prefix}.{norm}.weight is missing",
-                                                 HINTS["tensor"]))
+                    problems.append(
+                        CheckProblem(
+                            f"{where}: required tensor {prefix}.{norm}.weight is missing",
+                            HINTS["tensor"],
+                        )
+                    )
             for linear in LINEARS:
                 layer_name = f"{global_prefix}.{linear}"
                 if per_layer_algo is not None:
@@ -307,16 +428,31 @@ def _check_tensors(config, quant, per_layer_algo, headers, tp, pp) -> list[Check
                 else:
                     algo = quant.get("quant_algo")
                     algo = None if algo == "NO_QUANT" else algo
-                problems += _check_linear(where, f"{prefix}.{linear}", tensors, LINEAR_CONTRACTS.get(algo),
-                                          algo, shapes[linear], group)
+                problems += _check_linear(
+                    where,
+                    f"{prefix}.{linear}",
+                    tensors,
+                    LINEAR_CONTRACTS.get(algo),
+                    algo,
+                    shapes[linear],
+                    group,
+                )
             kv = quant.get("kv_cache_quant_algo")
             if kv is not None and f"{prefix}.attention.kv_cache_scaling_factor" not in tensors:
-                problems.append(CheckProblem(
-                    f"{where}: {prefix}.attention.kv_cache_scaling_factor is missing ({kv} KV cache)", HINTS["scale"]))
+                problems.append(
+                    CheckProblem(
+                        f"{where}: {prefix}.attention.kv_cache_scaling_factor is missing ({kv} KV cache)",
+                        HINTS["scale"],
+                    )
+                )
     layers = config["num_hidden_layers"]
     if layers_seen != layers and not problems:
-        problems.append(CheckProblem(f"the rank files hold {layers_seen} layers, config.json says {layers}",
-                                     HINTS["shape"]))
+        problems.append(
+            CheckProblem(
+                f"the rank files hold {layers_seen} layers, config.json says {layers}",
+                HINTS["shape"],
+            )
+        )
     return problems
 
 
@@ -328,36 +464,77 @@ def _check_linear(where, name, tensors, contract, algo, out_in, group) -> list[C
     if weight is None:
         return [CheckProblem(f"{where}: required tensor {name}.weight is missing", HINTS["tensor"])]
     label = algo or "unquantized"
+    if algo == "W8A16" and weight["dtype"] in FLOAT_DTYPES:
+        contract = LINEAR_CONTRACTS[None]  # TensorRT-LLM quantizes float weights itself
     if weight["dtype"] not in contract.weight_dtype:
-        problems.append(CheckProblem(
-            f"{where}: {name}.weight is {weight['dtype']}, expected {'/'.join(sorted(contract.weight_dtype))} "
-            f"for {label}", HINTS["shape"]))
+        problems.append(
+            CheckProblem(
+                f"{where}: {name}.weight is {weight['dtype']}, expected {'/'.join(sorted(contract.weight_dtype))} "
+                f"for {label}",
+                HINTS["shape"],
+            )
+        )
     out, inp = out_in
-    expected = {"out_in": [out, inp], "int4": [out // 2, inp], "fp4": [out, inp // 2]}[contract.packing]
+    expected = {
+        "out_in": [out, inp],
+        "in_out": [inp, out],
+        "int4": [out // 2, inp],
+        "fp4": [out, inp // 2],
+    }[contract.packing]
     if weight["shape"] != expected:
-        problems.append(CheckProblem(f"{where}: {name}.weight has shape {weight['shape']}, expected {expected} "
-                                     f"({label})", HINTS["shape"]))
+        problems.append(
+            CheckProblem(
+                f"{where}: {name}.weight has shape {weight['shape']}, expected {expected} "
+                f"({label})",
+                HINTS["shape"],
+            )
+        )
     block = 16 if contract.packing == "fp4" else group
     for suffix, kind in contract.tensors.items():
         t = tensors.get(f"{name}.{suffix}")
         if t is None:
-            problems.append(CheckProblem(f"{where}: {name}.{suffix} is missing on a {label} layer",
-                                         HINTS["scale" if "scaling" in suffix or "scale" in suffix else "tensor"]))
+            problems.append(
+                CheckProblem(
+                    f"{where}: {name}.{suffix} is missing on a {label} layer",
+                    HINTS["scale" if "scaling" in suffix or "scale" in suffix else "tensor"],
+                )
+            )
             continue
         numel = 1
         for d in t["shape"]:
             numel *= d
-        want = {"scalar": None, "out": [out], "in": [inp],
-                "block": [out, inp // block] if block else None}[kind]
+        want = {
+            "scalar": None,
+            "out": [out],
+            "in": [inp],
+            "block": [out, inp // block] if block else None,
+        }[kind]
         if kind == "scalar" and numel != 1:
-            problems.append(CheckProblem(f"{where}: {name}.{suffix} should be a single value, has shape {t['shape']}",
-                                         HINTS["shape"]))
+            problems.append(
+                CheckProblem(
+                    f"{where}: {name}.{suffix} should be a single value, has shape {t['shape']}",
+                    HINTS["shape"],
+                )
+            )
         elif want is not None and t["shape"] != want:
-            problems.append(CheckProblem(f"{where}: {name}.{suffix} has shape {t['shape']}, expected {want}",
-                                         HINTS["shape"]))
-        if kind == "block" and contract.block_scale_dtype and t["dtype"] != contract.block_scale_dtype:
-            problems.append(CheckProblem(f"{where}: {name}.{suffix} is {t['dtype']}, expected "
-                                         f"{contract.block_scale_dtype}", HINTS["shape"]))
+            problems.append(
+                CheckProblem(
+                    f"{where}: {name}.{suffix} has shape {t['shape']}, expected {want}",
+                    HINTS["shape"],
+                )
+            )
+        if (
+            kind == "block"
+            and contract.block_scale_dtype
+            and t["dtype"] != contract.block_scale_dtype
+        ):
+            problems.append(
+                CheckProblem(
+                    f"{where}: {name}.{suffix} is {t['dtype']}, expected "
+                    f"{contract.block_scale_dtype}",
+                    HINTS["shape"],
+                )
+            )
     return problems
 
 

@@ -147,8 +147,7 @@ stages:
     found = problems_of(bad)
     assert any(":6: stages[1].ptq: 'ptq' comes after 'export'" in p for p in found)
     assert any(
-        ":7: stages[2].ptq: the model is already quantized by an earlier stage" in p
-        for p in found
+        ":7: stages[2].ptq: the model is already quantized by an earlier stage" in p for p in found
     )
 
 
@@ -228,7 +227,49 @@ def test_model_source_forms(write_recipe, source, ok):
 
 
 def test_shipped_recipes_validate():
+    """Every recipe validates here (no downloads); GPU recipes validate for a GPU machine and
+    are refused for this CPU-only one with a clear message."""
     from tiny import REPO
 
     for path in sorted((REPO / "recipes").glob("*.yaml")):
-        assert load_recipe(path).stages, path
+        try:
+            assert load_recipe(path, device="cpu").stages, path
+        except RecipeError as e:
+            assert all("needs a CUDA GPU" in p.message for p in e.problems), e
+            assert load_recipe(path, device="gpu").stages
+
+
+LLAMA3_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_hidden_layers": 32,
+    "vocab_size": 128256,
+}
+
+
+def test_llama3_config_is_checked_once_it_is_in_the_hub_cache(tmp_path, monkeypatch):
+    """With the hub cache holding config.json, TP and group sizes are checked against it."""
+    import json
+
+    from tiny import REPO
+
+    recipe = REPO / "recipes" / "llama3-int4-awq.yaml"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert load_recipe(
+        recipe, ["stages.export.trtllm_checkpoint.tp=3"], device="cpu"
+    )  # config unknown
+    repo = tmp_path / "models--meta-llama--Meta-Llama-3-8B-Instruct"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text(json.dumps(LLAMA3_CONFIG))
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(recipe, ["stages.export.trtllm_checkpoint.tp=3"], device="cpu")
+    assert "tp=3 does not divide the model's 32 attention heads" in str(exc.value)
+    with pytest.raises(RecipeError, match="tp=16 does not divide the model's 8 KV heads"):
+        load_recipe(recipe, ["stages.export.trtllm_checkpoint.tp=16"], device="cpu")
+    assert load_recipe(recipe, ["stages.export.trtllm_checkpoint.tp=2"], device="cpu")

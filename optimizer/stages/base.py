@@ -98,6 +98,10 @@ class Stage(BaseModel):
         None if TensorRT-LLM cannot take it; a short description). None if not quantizing."""
         return None
 
+    def trtllm_problems(self, tp: int, model_config: dict[str, Any] | None) -> list[str]:
+        """For quantizing stages: why a TensorRT-LLM checkpoint at this ``tp`` would not build."""
+        return []
+
     def describe(self) -> str:
         """One line for logs and ``--dry-run``."""
         fields = ", ".join(f"{k}={v}" for k, v in self.model_dump(exclude_defaults=True).items())

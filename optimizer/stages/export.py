@@ -20,19 +20,21 @@ class TrtllmCheckpointSpec(BaseModel):
 
 
 def _check_parallelism(spec: TrtllmCheckpointSpec, config: dict) -> list[str]:
-    """TP must split attention heads evenly (KV heads may be replicated); PP splits layers."""
+    """TP must split attention and KV heads evenly; PP must split the layers evenly."""
     problems = []
     heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
     kv = kv or heads
     if heads and heads % spec.tp:
         problems.append(f"tp={spec.tp} does not divide the model's {heads} attention heads")
-    elif kv and kv % spec.tp and spec.tp % kv:
+    elif kv and kv % spec.tp:
+        # TensorRT-LLM could replicate KV heads, but ModelOpt splits K/V rows evenly instead.
         problems.append(
-            f"tp={spec.tp} neither divides nor is a multiple of the model's {kv} KV heads"
+            f"tp={spec.tp} does not divide the model's {kv} KV heads (ModelOpt's export "
+            "cannot replicate KV heads across ranks)"
         )
     layers = config.get("num_hidden_layers")
-    if layers and spec.pp > layers:
-        problems.append(f"pp={spec.pp} exceeds the model's {layers} layers")
+    if layers and layers % spec.pp:
+        problems.append(f"pp={spec.pp} does not divide the model's {layers} layers")
     return problems
 
 
@@ -58,6 +60,10 @@ class Export(Stage):
         spec = self.trtllm_checkpoint
         if spec is not None:
             for stage in before:
+                problems += [
+                    ("trtllm_checkpoint", m)
+                    for m in stage.trtllm_problems(spec.tp, env.model_config)
+                ]
                 algo = stage.trtllm_quant_algo()
                 if algo is not None and algo[0] is None:
                     problems.append(

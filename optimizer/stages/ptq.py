@@ -20,6 +20,7 @@ from optimizer.formats import (
     add_kv_and_exclusions,
     build_config,
     check_block_size,
+    trtllm_layout_problems,
 )
 from optimizer.stages.base import Stage, StageResult, register
 
@@ -142,7 +143,24 @@ class PTQ(Stage):
     def trtllm_quant_algo(self):
         if self.format is None:
             return ("unknown", f"modelopt_recipe {self.modelopt_recipe}")  # checked after export
-        return FORMATS[self.format].trtllm_algo, f"format {self.format}"
+        spec = FORMATS[self.format]
+        return spec.trtllm_algo, f"format {self.format}" + (
+            f" ({spec.trtllm_note})" if spec.trtllm_note else ""
+        )
+
+    def trtllm_problems(self, tp: int, model_config: dict | None) -> list[str]:
+        """Why a TensorRT-LLM checkpoint of this stage's result would not build."""
+        if self.format is None:
+            return []
+        if check_block_size(self.format, self.group_size, model_config):
+            return []  # already reported against the format; one message per cause
+        problems = trtllm_layout_problems(self.format, self.group_size, tp, model_config)
+        if self.format == "fp8_pc_pt" and self.exclude:
+            problems.append(
+                "TensorRT-LLM quantizes whole attention/MLP blocks for fp8_pc_pt, so per-layer "
+                "`exclude` is not honoured and tensors would go missing; drop `exclude`"
+            )
+        return problems
 
     def quant_config(self) -> dict[str, Any]:
         """The ModelOpt config for this stage."""

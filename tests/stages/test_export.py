@@ -1,7 +1,6 @@
 """export stage and the TensorRT-LLM checkpoint facts it relies on."""
 
 import json
-import shutil
 
 import pytest
 from tiny import CALIBRATION, make_tiny_llama
@@ -55,35 +54,40 @@ def test_rope_settings_from_transformers_4_style_config():
     }
 
 
-def test_check_checkpoint_catches_what_trtllm_build_rejects(tmp_path, tiny_llama):
-    good = tmp_path / "run"
+def test_tensor_and_pipeline_parallel_shards(tiny_llama, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        f"name: c\nmodel: {{source: {tiny_llama}}}\n"
+        f"name: tp\nmodel: {{source: {tiny_llama}}}\n"
         f"calibration: {{dataset: {CALIBRATION}, num_samples: 2, seq_len: 32}}\n"
-        "stages:\n  - ptq: {format: fp8}\n  - export: {}\n"
+        "stages:\n  - ptq: {format: fp8}\n  - export: {trtllm_checkpoint: {tp: 2, pp: 1}}\n"
     )
-    assert main(["run", str(recipe), "-o", str(good), "-q"]) == 0
-    ckpt = good / "trtllm_checkpoint"
+    assert main(["run", str(recipe), "-o", str(tmp_path / "tp"), "-q"]) == 0
+    ckpt = tmp_path / "tp" / "trtllm_checkpoint"
+    assert sorted(p.name for p in ckpt.glob("rank*")) == ["rank0.safetensors", "rank1.safetensors"]
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1}
+    header = trtllm.read_safetensors_header(ckpt / "rank1.safetensors")
+    # 4 heads + 2 x 2 KV heads of 32 rows, split over 2 ranks; dense splits its input
+    assert header["transformer.layers.0.attention.qkv.weight"]["shape"] == [128, 128]
+    assert header["transformer.layers.0.attention.dense.weight"]["shape"] == [128, 64]
     assert trtllm.check_checkpoint(ckpt) == []
-
-    def broken(name, edit):
-        d = tmp_path / name
-        shutil.copytree(ckpt, d)
-        config = json.loads((d / "config.json").read_text())
-        edit(d, config)
-        (d / "config.json").write_text(json.dumps(config))
-        return trtllm.check_checkpoint(d)
-
-    assert broken("unknown-key", lambda d, c: c["quantization"].update(fp8_scales="x")) == [
-        "quantization.fp8_scales is not a key TensorRT-LLM accepts (it rejects unknown keys)"
-    ]
-    assert broken("bad-algo", lambda d, c: c["quantization"].update(quant_algo="W4A16_NVFP4")) == [
-        "quantization.quant_algo 'W4A16_NVFP4' is not supported by TensorRT-LLM"
-    ]
-    assert broken("missing-rank", lambda d, c: c["mapping"].update(world_size=2, tp_size=2)) == [
-        "rank1.safetensors is missing (world_size is 2)"
-    ]
-    assert broken("no-arch", lambda d, c: c.pop("architecture")) == [
-        "config.json lacks required key 'architecture'"
-    ]
+    assert (
+        main(
+            [
+                "run",
+                str(recipe),
+                "-o",
+                str(tmp_path / "pp"),
+                "-q",
+                "--set",
+                "stages.export.trtllm_checkpoint={tp: 1, pp: 2}",
+            ]
+        )
+        == 0
+    )
+    ckpt = tmp_path / "pp" / "trtllm_checkpoint"
+    first = trtllm.read_safetensors_header(ckpt / "rank0.safetensors")
+    last = trtllm.read_safetensors_header(ckpt / "rank1.safetensors")
+    assert "transformer.vocab_embedding.weight" in first and "lm_head.weight" not in first
+    assert "lm_head.weight" in last and "transformer.ln_f.weight" in last
+    assert trtllm.check_checkpoint(ckpt) == []

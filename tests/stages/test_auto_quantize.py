@@ -1,0 +1,48 @@
+"""auto_quantize: per-layer mixed precision under a bits budget, exported as MIXED_PRECISION."""
+
+import json
+
+from tiny import CALIBRATION
+
+from optimizer.cli import main
+from optimizer.trtllm import check_checkpoint
+
+
+def test_mixed_precision_under_budget(tiny_llama, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: aq\nmodel: {{source: {tiny_llama}}}\n"
+        f"calibration: {{dataset: {CALIBRATION}, num_samples: 8, seq_len: 64, batch_size: 4}}\n"
+        "stages:\n  - auto_quantize: {effective_bits: 7.0, formats: [fp8, int4_awq]}\n"
+        "  - export: {}\n"
+    )
+    assert main(["run", str(recipe), "-o", str(tmp_path / "run"), "-q"]) == 0
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    metrics = rec["stages"][0]["metrics"]
+    assert metrics["effective_bits"] <= 7.0
+    chosen = metrics["formats_chosen"]
+    assert any("FP8" in k for k in chosen) and any("INT4_AWQ" in k for k in chosen)  # really mixed
+    ckpt = tmp_path / "run" / "trtllm_checkpoint"
+    assert (
+        json.loads((ckpt / "config.json").read_text())["quantization"]["quant_algo"]
+        == "MIXED_PRECISION"
+    )
+    layers = json.loads((ckpt / "quant_cfg.json").read_text())["quantized_layers"]
+    assert {v["quant_algo"] for v in layers.values()} <= {"FP8", "W4A16_AWQ"}
+    assert check_checkpoint(ckpt) == []
+
+
+def test_infeasible_budget_is_bad_input(tiny_llama, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: aq\nmodel: {{source: {tiny_llama}}}\n"
+        f"calibration: {{dataset: {CALIBRATION}, num_samples: 4, seq_len: 32, batch_size: 4}}\n"
+        "stages:\n  - auto_quantize: {effective_bits: 4.5, formats: [fp8, int4_awq]}\n  - export: {}\n"
+    )
+    assert main(["run", str(recipe), "-o", str(tmp_path / "run"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "stage 'auto_quantize': effective_bits 4.5:" in err
+        and "infeasible" in err
+        and "Raise the budget" in err
+    )
