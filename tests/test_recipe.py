@@ -258,7 +258,9 @@ def test_llama3_config_is_checked_once_it_is_in_the_hub_cache(tmp_path, monkeypa
     from tiny import REPO
 
     recipe = REPO / "recipes" / "llama3-int4-awq.yaml"
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     assert load_recipe(
         recipe, ["stages.export.trtllm_checkpoint.tp=3"], device="cpu"
     )  # config unknown
