@@ -40,6 +40,9 @@ BENIGN_WARNINGS = (
     "differs from target dtype",
     "To copy construct from a tensor",
     "`torch_dtype` is deprecated",
+    "Passed an already-initialized model through `pretrained`",
+    "`pretrained` model kwarg is not of type `str`",
+    "Custom kwargs can be passed to `--metadata`",
 )
 
 
@@ -151,6 +154,69 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("paths", metavar="PATH", nargs="+", type=Path, help="checkpoint directories")
+
+    gate = verbs.add_parser(
+        "gate",
+        help="gate an existing checkpoint or endpoint against its baseline on accuracy",
+        description="Evaluate BASELINE and a candidate (a checkpoint directory, or a served "
+        "OpenAI-compatible endpoint) on SUITE with lm-eval, judge every metric with paired "
+        "statistics, write gate.json + report.md + report.html into DIR. Exit 3 if the gate fails.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gate.add_argument(
+        "--baseline",
+        required=True,
+        metavar="MODEL",
+        help="the unoptimized model: hub id, local directory or builtin:<name>",
+    )
+    target = gate.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--candidate",
+        metavar="DIR",
+        help="checkpoint directory to gate (HF, with ModelOpt state if quantized)",
+    )
+    target.add_argument("--endpoint", metavar="URL", help="completions URL of a served candidate")
+    gate.add_argument("--endpoint-model", metavar="NAME", help="model name the endpoint expects")
+    gate.add_argument(
+        "--suite", required=True, metavar="FILE", help="suite YAML (evals/suites/*.yaml)"
+    )
+    gate.add_argument(
+        "-o",
+        "--output",
+        metavar="DIR",
+        type=Path,
+        default=Path("runs/gate"),
+        help="run directory (default: runs/gate)",
+    )
+    gate.add_argument(
+        "--max-drop",
+        metavar="METRIC=VALUE",
+        action="append",
+        default=[],
+        help="absolute-drop threshold, e.g. default=0.01 or local_arc_easy/acc=0.02",
+    )
+    gate.add_argument("--limit", type=int, help="documents per task (overrides the suite)")
+    gate.add_argument(
+        "--on-inconclusive",
+        choices=("fail", "pass"),
+        default="fail",
+        help="what a drop within noise of the threshold counts as (default: fail)",
+    )
+    gate.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    gate.add_argument("--force", action="store_true", help="replace a previous gate run in DIR")
+    gate.add_argument(
+        "-q", "--quiet", action="store_true", help="only warnings and errors on the console"
+    )
+
+    report = verbs.add_parser(
+        "report",
+        help="regenerate a run's Markdown/HTML gate report from its gate.json",
+        description="Rewrite RUN_DIR's report.md and report.html from gate.json and run.json.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", type=Path)
     return parser
 
 
@@ -262,7 +328,69 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT if failed else EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "check": cmd_check}
+def cmd_gate(args: argparse.Namespace) -> int:
+    from optimizer.pipeline import run_recipe
+    from optimizer.recipe import SourceMap, parse_recipe
+
+    max_drop = {}
+    for item in args.max_drop:
+        key, _, value = item.partition("=")
+        try:
+            max_drop[key.strip()] = float(value)
+        except ValueError:
+            raise OptimizerError(
+                f"--max-drop {item!r}: expected METRIC=NUMBER, e.g. default=0.01"
+            ) from None
+    gate: dict = {
+        "suite": str(Path(args.suite).resolve()),
+        "max_drop": max_drop,
+        "on_inconclusive": args.on_inconclusive,
+    }
+    if args.limit:
+        gate["limit"] = args.limit
+    if args.endpoint:
+        if not args.endpoint_model:
+            raise OptimizerError(
+                "--endpoint needs --endpoint-model (the model name the server expects)"
+            )
+        gate.update(
+            evaluate="endpoint", endpoint={"base_url": args.endpoint, "model": args.endpoint_model}
+        )
+    else:
+        gate["candidate"] = str(Path(args.candidate).resolve())
+    data = {
+        "name": "gate",
+        "model": {"source": args.baseline, "dtype": args.dtype},
+        "stages": [{"gate": gate}],
+    }
+    recipe = parse_recipe(data, SourceMap("optimize gate"), Path.cwd())
+    outcome = run_recipe(recipe, args.output, force=args.force, recipe_file=None, overrides=[])
+    print(
+        json.dumps(
+            {
+                "status": outcome.record["status"],
+                "run_json": str(outcome.run_dir / "run.json"),
+                "artifacts": outcome.record.get("artifacts", {}),
+            }
+        )
+    )
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from optimizer.report import regenerate
+
+    print(f"wrote {regenerate(args.run_dir)}")
+    return EXIT_OK
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "check": cmd_check,
+    "gate": cmd_gate,
+    "report": cmd_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}{where}", file=sys.stderr)
         return e.exit_code
     except GateFailed as e:
-        print(f"gate failed: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue", file=sys.stderr)

@@ -27,6 +27,9 @@ class ModelState:
     checkpoint: Path
     dtype: str
     trust_remote_code: bool = False
+    #: The recipe's unmodified model (what the gate compares against) and its identity.
+    source_path: Path | None = None
+    source_fingerprint: str = ""
     model: Any = None
     tokenizer: Any = None
     calibration_tokens: Any = None

@@ -26,7 +26,7 @@ from typing import Any
 
 from optimizer import calibration, models
 from optimizer.context import ModelState, StageContext
-from optimizer.errors import OptimizerError, StageFailed
+from optimizer.errors import GateFailed, OptimizerError, StageFailed
 from optimizer.recipe import Recipe
 from optimizer.rundir import SCHEMA_VERSION, RunDirectory, replace_dir, sha256_tree, write_atomic
 from optimizer.stages.base import Stage
@@ -220,7 +220,13 @@ class Runner:
                 if recipe.calibration
                 else None
             )
-            state = ModelState(resolved.path, recipe.model.dtype, recipe.model.trust_remote_code)
+            state = ModelState(
+                resolved.path,
+                recipe.model.dtype,
+                recipe.model.trust_remote_code,
+                source_path=resolved.path,
+                source_fingerprint=resolved.fingerprint,
+            )
             prev_stages = (previous or {}).get("stages", [])
             upstream = ""
             reusing = True
@@ -237,10 +243,17 @@ class Runner:
                     continue
                 reusing = False
                 self._run_one(i, stage, state)
+            failures = [s["gate_failure"] for s in self.record["stages"] if s.get("gate_failure")]
+            if failures:
+                self.record["status"] = "gate_failed"
+                self.record["error"] = {"stage": "gate", "message": "; ".join(failures)}
+                raise GateFailed("; ".join(failures))
             self.record["status"] = "success"
         except KeyboardInterrupt:
             self.record["status"] = "interrupted"
             self.record["error"] = {"message": "interrupted by the user"}
+            raise
+        except GateFailed:
             raise
         except StageFailed as e:
             self.record["status"] = "failed"
@@ -276,6 +289,8 @@ class Runner:
             outputs=old.get("outputs", {}),
             metrics=old.get("metrics", {}),
         )
+        if old.get("gate_failure"):
+            entry["gate_failure"] = old["gate_failure"]
         log.info(
             "[%d/%d] %s: skipped (finished earlier with the same inputs)",
             i + 1,
@@ -326,6 +341,8 @@ class Runner:
             metrics=result.metrics,
             finished_at=now(),
         )
+        if result.gate_failure:
+            entry["gate_failure"] = result.gate_failure.replace("{run_dir}", str(self.dir.path))
         self._publish_artifacts(stage, outputs)
         if stage.transforms_model:
             state.checkpoint = Path(outputs["model"]["path"])
@@ -358,9 +375,7 @@ class Runner:
         return committed
 
     def _publish_artifacts(self, stage: Stage, outputs: dict[str, dict[str, str]]) -> None:
-        for key, out in outputs.items():
-            if key in stage.artifact_keys:
-                self.record["artifacts"][key] = out["path"]
+        self.record["artifacts"].update(stage.artifacts(outputs))
 
 
 class _FileLogFilter(logging.Filter):

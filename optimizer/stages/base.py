@@ -52,6 +52,9 @@ class StageResult:
 
     outputs: dict[str, Path] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: Set by a gate that rejected the model: the run finishes (artifacts are written) and
+    #: exits 3 with this message.
+    gate_failure: str | None = None
 
 
 class Stage(BaseModel):
@@ -92,6 +95,10 @@ class Stage(BaseModel):
                 )
             )
         return problems
+
+    def artifacts(self, outputs: dict[str, dict[str, str]]) -> dict[str, str]:
+        """``run.json["artifacts"]`` entries for committed ``outputs`` ({key: {path, sha256}})."""
+        return {k: v["path"] for k, v in outputs.items() if k in self.artifact_keys}
 
     def trtllm_quant_algo(self) -> tuple[str | None, str] | None:
         """For quantizing stages: (the ``quant_algo`` a TensorRT-LLM export will carry, or

@@ -1,0 +1,170 @@
+"""Gate reports people read: Markdown and a self-contained HTML page with a plot.
+
+Both are generated from ``gate.json`` (and ``run.json`` for run metadata), so
+``optimize report RUN_DIR`` can regenerate them at any time.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+VERDICT_MARK = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE"}
+
+
+def _fmt_threshold(m: dict[str, Any]) -> str:
+    t = m["threshold"]
+    if "max_drop" in t:
+        return f"drop ≤ {t['max_drop']:.3f}"
+    if "max_relative_drop" in t:
+        return f"drop ≤ {100 * t['max_relative_drop']:.1f} % ({m.get('allowed_drop', 0):.3f})"
+    return f"≥ {t['min_value']:.3f}"
+
+
+def _rows(gate: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for m in gate["metrics"]:
+        lo, hi = m["delta_ci95"]
+        rows.append(
+            [
+                m["metric"],
+                str(m["n"]),
+                f"{m['baseline']:.4f}",
+                f"{m['candidate']:.4f}",
+                f"{m['delta']:+.4f} [{lo:+.4f}, {hi:+.4f}]",
+                _fmt_threshold(m),
+                VERDICT_MARK[m["verdict"]],
+            ]
+        )
+    return rows
+
+
+HEADER = ["metric", "docs", "baseline", "candidate", "delta [95 % CI]", "threshold", "verdict"]
+
+
+def plot_png(gate: dict[str, Any]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = gate["metrics"]
+    names = [m["metric"].removeprefix("local_") for m in metrics]
+    x = range(len(metrics))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(metrics)), 3.6), dpi=110)
+    width = 0.38
+    ax.bar(
+        [i - width / 2 for i in x],
+        [m["baseline"] for m in metrics],
+        width,
+        label="baseline",
+        color="#8da0cb",
+    )
+    ax.bar(
+        [i + width / 2 for i in x],
+        [m["candidate"] for m in metrics],
+        width,
+        label="candidate",
+        color=["#66c2a5" if m["verdict"] == "pass" else "#fc8d62" for m in metrics],
+        yerr=[1.96 * m["delta_stderr"] for m in metrics],
+        capsize=3,
+    )
+    ax.set_xticks(list(x), names, rotation=15)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper right")
+    ax.set_title("baseline vs candidate (error bar: 95 % CI of the paired difference)", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def markdown(gate: dict[str, Any], meta: dict[str, Any]) -> str:
+    status = "PASSED" if gate["passed"] else "FAILED"
+    lines = [f"# Accuracy gate: {status}", ""]
+    if gate["failing"]:
+        lines += [f"Failing: {', '.join(gate['failing'])}", ""]
+    lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in _rows(gate)]
+    lines += ["", f"Rule: {gate['rule']}; inconclusive counts as {gate['on_inconclusive']}.", ""]
+    for m in gate["metrics"]:
+        lines.append(f"- {m['metric']}: {m['verdict']} — {m['reason']}")
+    lines += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in meta.items()]
+    return "\n".join(lines) + "\n"
+
+
+def html_page(gate: dict[str, Any], meta: dict[str, Any]) -> str:
+    status = "PASSED" if gate["passed"] else "FAILED"
+    color = "#1a7f37" if gate["passed"] else "#cf222e"
+    png = base64.b64encode(plot_png(gate)).decode()
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
+    body = ""
+    for r, m in zip(_rows(gate), gate["metrics"], strict=True):
+        cls = m["verdict"]
+        body += (
+            "<tr class='"
+            + cls
+            + "'>"
+            + "".join(f"<td>{html.escape(c)}</td>" for c in r)
+            + "</tr>\n"
+        )
+    reasons = "".join(
+        f"<li><b>{html.escape(m['metric'])}</b>: {html.escape(m['reason'])}</li>"
+        for m in gate["metrics"]
+    )
+    metadata_rows = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+        for k, v in meta.items()
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Accuracy gate: {status}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #1f2328; }}
+h1 span {{ color: {color}; }}
+table {{ border-collapse: collapse; margin: 1rem 0; }}
+th, td {{ border: 1px solid #d0d7de; padding: .35rem .6rem; text-align: left; }}
+tr.fail td:last-child {{ color: #cf222e; font-weight: bold; }}
+tr.pass td:last-child {{ color: #1a7f37; font-weight: bold; }}
+tr.inconclusive td:last-child {{ color: #9a6700; font-weight: bold; }}
+</style></head>
+<body>
+<h1>Accuracy gate: <span id="status">{status}</span></h1>
+<table id="metrics"><thead><tr>{head}</tr></thead><tbody>
+{body}</tbody></table>
+<img id="plot" alt="accuracy per task, baseline vs candidate" src="data:image/png;base64,{png}">
+<p>Rule: {html.escape(gate["rule"])}; inconclusive counts as {html.escape(gate["on_inconclusive"])}.</p>
+<ul>{reasons}</ul>
+<h2>Run</h2><table id="meta">{metadata_rows}</table>
+</body></html>
+"""
+
+
+def write_reports(directory: Path, gate: dict[str, Any], meta: dict[str, Any]) -> None:
+    (directory / "gate.json").write_text(json.dumps({**gate, "meta": meta}, indent=2) + "\n")
+    (directory / "report.md").write_text(markdown(gate, meta))
+    (directory / "report.html").write_text(html_page(gate, meta))
+
+
+def regenerate(run_dir: Path) -> Path:
+    """Rewrite report.md / report.html of a run from its gate.json (``optimize report``)."""
+    from optimizer.errors import OptimizerError
+
+    try:
+        record = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError) as e:
+        raise OptimizerError(f"{run_dir} has no readable run.json ({e})") from None
+    gate_file = record.get("artifacts", {}).get("gate")
+    if not gate_file or not Path(gate_file).is_file():
+        raise OptimizerError(
+            f"{run_dir}: this run has no gate result (run a recipe with a gate stage)"
+        )
+    gate = json.loads(Path(gate_file).read_text())
+    meta = gate.pop("meta", {})
+    write_reports(Path(gate_file).parent, gate, meta)
+    return Path(gate_file).parent / "report.html"
