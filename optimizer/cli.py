@@ -266,6 +266,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"# run directory: {run_dir}")
         for i, stage in enumerate(recipe.stages, 1):
             print(f"# [{i}/{len(recipe.stages)}] {stage.describe()}")
+            if hasattr(stage, "preview"):
+                tp = next(
+                    (
+                        s.trtllm_checkpoint.tp * s.trtllm_checkpoint.pp
+                        for s in recipe.stages
+                        if s.name == "export" and s.trtllm_checkpoint
+                    ),
+                    1,
+                )
+                print(f"# build command: {stage.preview(Path(run_dir).resolve(), tp)}")
         return EXIT_OK
     if args.resume and args.force:
         raise OptimizerError("--resume and --force contradict each other; pick one")

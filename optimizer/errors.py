@@ -54,6 +54,11 @@ class StageFailed(Exception):
         super().__init__(f"stage '{stage}' failed: {cause}")
 
 
+class StageError(Exception):
+    """Raised inside a stage for a failure whose message says it all (a missing launcher, a
+    build that exited non-zero): reported as that stage's failure without an exception type."""
+
+
 class GateFailed(Exception):
     """The accuracy gate rejected the candidate. Exit code 3; artifacts are still written."""
 

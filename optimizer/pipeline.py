@@ -26,7 +26,7 @@ from typing import Any
 
 from optimizer import calibration, models
 from optimizer.context import ModelState, StageContext
-from optimizer.errors import GateFailed, OptimizerError, StageFailed
+from optimizer.errors import GateFailed, OptimizerError, StageError, StageFailed
 from optimizer.recipe import Recipe
 from optimizer.rundir import SCHEMA_VERSION, RunDirectory, replace_dir, sha256_tree, write_atomic
 from optimizer.stages.base import Stage
@@ -208,6 +208,7 @@ class Runner:
         }
         self._save()
         try:
+            self._preflight(previous)
             self.record["device"] = device_info()
             resolved = models.resolve_source(recipe.model.source, recipe.base_dir)
             self.record["model"] = {
@@ -267,6 +268,23 @@ class Runner:
             self.record["finished_at"] = now()
             self._save()
         log.info("run %s finished: %s", recipe.name, self.dir.run_json)
+
+    def _preflight(self, previous: dict[str, Any] | None) -> None:
+        """Machine checks of stages that will run, before the model is even resolved."""
+        done = {
+            s.get("index")
+            for s in (previous or {}).get("stages", [])
+            if s.get("status") in ("success", "skipped")
+        }
+        for i, stage in enumerate(self.recipe.stages):
+            if self.resume and i in done:
+                continue
+            try:
+                stage.preflight()
+            except StageError as e:
+                entry = self.record["stages"][i]
+                entry.update(status="failed", error=str(e))
+                raise StageFailed(stage.name, str(e)) from None
 
     def _reusable(self, old: dict | None, stage: Stage, fp: str) -> bool:
         if not self.resume or not old or old.get("name") != stage.name:
@@ -330,7 +348,7 @@ class Runner:
             if isinstance(e, OptimizerError):
                 entry["error"] = str(e)
                 raise OptimizerError(f"stage '{stage.name}': {e}") from None
-            cause = f"{type(e).__name__}: {e}"
+            cause = str(e) if isinstance(e, StageError) else f"{type(e).__name__}: {e}"
             entry["error"] = cause
             log.debug("stage %s traceback:\n%s", stage.name, traceback.format_exc())
             raise StageFailed(stage.name, cause) from e
@@ -346,6 +364,8 @@ class Runner:
         self._publish_artifacts(stage, outputs)
         if stage.transforms_model:
             state.checkpoint = Path(outputs["model"]["path"])
+        if stage.invalidates_model:
+            state.model = None
         log.info(
             "[%d/%d] %s: done in %.1f s",
             i + 1,

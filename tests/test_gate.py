@@ -270,3 +270,19 @@ def test_shipped_suites_load():
     for path in sorted((REPO / "evals" / "suites").glob("*.yaml")):
         suite = load_suite(path)
         assert suite.tasks and all(t.task.startswith("local_") for t in suite.tasks)
+
+
+def test_gate_after_export_in_a_recipe(tiny_llama, tiny_suite, tmp_path, monkeypatch):
+    """Export packs the live model's weights; the gate must still evaluate the real candidate."""
+    from tiny import CALIBRATION
+
+    monkeypatch.setenv("OPTIMIZER_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: g\nmodel: {{source: {tiny_llama}}}\n"
+        f"calibration: {{dataset: {CALIBRATION}, num_samples: 4, seq_len: 64}}\n"
+        f"stages:\n  - ptq: {{format: fp8}}\n  - export: {{hf_checkpoint: true}}\n  - gate: {{suite: {tiny_suite}}}\n"
+    )
+    assert main(["run", str(recipe), "-o", str(tmp_path / "run"), "-q"]) == 0
+    gate = json.loads((tmp_path / "run" / "report" / "gate.json").read_text())
+    assert gate["passed"] is True and gate["metrics"][0]["n"] == 10

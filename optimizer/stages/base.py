@@ -66,6 +66,9 @@ class Stage(BaseModel):
     #: The stage changes the model; the runner saves it afterwards so later stages (and a
     #: resumed run) start from exactly this state.
     transforms_model: ClassVar[bool] = False
+    #: The stage leaves the in-memory model unusable (ModelOpt's exporters pack weights in
+    #: place); later stages reload the last saved state instead.
+    invalidates_model: ClassVar[bool] = False
     #: The stage reads the recipe's ``calibration`` section (it is then part of its inputs).
     needs_calibration: ClassVar[bool] = False
     #: Output keys that are user-facing artifacts (listed in ``run.json["artifacts"]``).
@@ -95,6 +98,9 @@ class Stage(BaseModel):
                 )
             )
         return problems
+
+    def preflight(self) -> None:
+        """Checks of this machine to run before any model loads (raise StageError)."""
 
     def artifacts(self, outputs: dict[str, dict[str, str]]) -> dict[str, str]:
         """``run.json["artifacts"]`` entries for committed ``outputs`` ({key: {path, sha256}})."""

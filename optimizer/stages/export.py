@@ -43,6 +43,7 @@ class Export(Stage):
     """Write deployable checkpoints of the current model."""
 
     name = "export"
+    invalidates_model = True  # export_hf_checkpoint packs the weights of the live model
     artifact_keys = ("trtllm_checkpoint", "hf_checkpoint")
 
     trtllm_checkpoint: TrtllmCheckpointSpec | None = Field(

@@ -1,0 +1,122 @@
+"""Running TensorRT-LLM's command-line tools as external programs: locally, in the NGC
+container through docker, or behind a site command prefix (srun, a k8s job wrapper, ...)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from collections import deque
+from pathlib import Path
+
+from optimizer.errors import StageError
+
+
+def wrap(
+    launcher: str, argv: list[str], *, image: str, mounts: list[Path], prefix: list[str]
+) -> list[str]:
+    """The full command line for ``argv`` (a tool and its arguments) under a launcher."""
+    if launcher == "local":
+        return argv
+    if launcher == "docker":
+        cmd = [
+            "docker",
+            "run",
+            "--rm",
+            "--gpus",
+            "all",
+            "--ipc=host",
+            "--ulimit",
+            "memlock=-1",
+            "--ulimit",
+            "stack=67108864",
+        ]
+        for m in mounts:  # same path inside and out, so every path in argv stays valid
+            cmd += ["-v", f"{m}:{m}"]
+        return [*cmd, "-w", str(mounts[0]), image, *argv]
+    return [*prefix, *argv]
+
+
+def preflight(launcher: str, tool: str, prefix: list[str]) -> None:
+    """Fail at once, with a clear message, when the launcher cannot run at all."""
+    if launcher == "local":
+        if shutil.which(tool) is None:
+            raise StageError(
+                f"{tool} is not on PATH. Install TensorRT-LLM (<= 1.2 for engines), or use "
+                "launcher: docker (NGC image) or launcher: command with your site's prefix"
+            )
+    elif launcher == "docker":
+        if shutil.which("docker") is None:
+            raise StageError(
+                "docker is not installed (no `docker` on PATH); install Docker with the NVIDIA "
+                "Container Toolkit, or use launcher: local / command"
+            )
+        try:
+            info = subprocess.run(
+                ["docker", "info", "--format", "{{.ServerVersion}}"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        except subprocess.TimeoutExpired:
+            raise StageError("the Docker daemon did not answer `docker info` within 30 s") from None
+        if info.returncode != 0:
+            detail = (info.stderr or info.stdout).strip().splitlines()
+            raise StageError(
+                "the Docker daemon is not reachable (`docker info` failed: "
+                f"{detail[-1] if detail else 'no output'})"
+            )
+    elif not prefix or shutil.which(prefix[0]) is None:
+        raise StageError(f"command prefix {prefix[:1]} is not runnable here")
+
+
+def run_logged(cmd: list[str], log_file: Path, timeout_s: float, what: str, tail: int = 25) -> None:
+    """Run ``cmd`` with its output streamed to ``log_file``; raise StageError on non-zero exit,
+    a signal or a timeout, quoting the last lines of the log."""
+    last: deque[str] = deque(maxlen=tail)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w", encoding="utf-8") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise StageError(f"cannot start {what}: {e}") from None
+        timed_out = threading.Event()
+
+        def kill() -> None:  # a silent hang produces no output to notice it by
+            timed_out.set()
+            os.killpg(proc.pid, signal.SIGKILL)
+
+        watchdog = threading.Timer(timeout_s, kill)
+        watchdog.start()
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                last.append(line.rstrip())
+        finally:
+            watchdog.cancel()
+        code = proc.wait()
+    if timed_out.is_set():
+        raise StageError(
+            f"{what} timed out after {timeout_s:.0f} s (full log: {log_file}); last output:\n  "
+            + "\n  ".join(last)
+        )
+    if code != 0:
+        how = (
+            f"was killed by signal {signal.Signals(-code).name}"
+            if code < 0
+            else f"exited with code {code}"
+        )
+        raise StageError(
+            f"{what} {how} (full log: {log_file}); last output:\n  " + "\n  ".join(last)
+        )

@@ -1,0 +1,325 @@
+"""``build``: TensorRT-LLM engines from the exported checkpoint with ``trtllm-build``, and the
+deploy files for TensorRT-LLM's PyTorch backend (which serves the unified HF checkpoint).
+
+TensorRT-LLM is an external tool here: ``launcher`` runs it locally, in the NGC container
+(docker) or behind a site prefix. Engine sizes are required — trtllm-build's defaults
+(max_batch_size 2048, max_seq_len from the model) are the most reported cause of build OOMs.
+Combinations TensorRT-LLM 1.2 rejects or silently degrades are refused at validation.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, model_validator
+
+from optimizer.errors import StageError
+from optimizer.stages.base import Stage, StageResult, register
+
+if TYPE_CHECKING:
+    from optimizer.context import StageContext
+
+DEFAULT_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:1.2.0"
+FP8_ALGOS = {"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W4A8_AWQ", "MIXED_PRECISION"}
+AWQ_ALGOS = {"W4A16_AWQ", "W4A8_AWQ"}
+VERSION_PROBE = "import tensorrt_llm, sys; sys.stdout.write(tensorrt_llm.__version__)"
+
+
+@register
+class Build(Stage):
+    """Build engines with trtllm-build; write PyTorch-backend deploy options."""
+
+    name = "build"
+    artifact_keys = ("engine", "deploy")
+
+    launcher: Literal["local", "docker", "command"] = "local"
+    image: str = Field(DEFAULT_IMAGE, description="NGC TensorRT-LLM image for launcher: docker")
+    command_prefix: list[str] = Field(
+        default_factory=list, description="for launcher: command, e.g. [srun, --gpus=1]"
+    )
+    trtllm_build: str = Field("trtllm-build", description="the trtllm-build executable")
+    python: str = Field("python3", description="the Python that has tensorrt_llm (version check)")
+    max_batch_size: int = Field(gt=0)
+    max_input_len: int = Field(gt=0)
+    max_seq_len: int = Field(gt=0)
+    max_num_tokens: int = Field(gt=0)
+    max_beam_width: int = Field(1, gt=0)
+    kv_cache_type: Literal["paged", "continuous", "disabled"] = "paged"
+    gemm_plugin: str | None = Field("auto", description="--gemm_plugin value, null to leave it off")
+    use_paged_context_fmha: bool = True
+    use_fp8_context_fmha: bool = False
+    weight_sparsity: bool = Field(
+        False, description="use 2:4 sparse weights (the model must be 2:4 sparse)"
+    )
+    workers: int | None = Field(
+        None, gt=0, description="parallel rank builds (default: one per rank)"
+    )
+    gpu_compute_capability: float | None = Field(
+        None,
+        description="target GPU, e.g. 9.0 for H100 (checked against the format; default: the local GPU)",
+    )
+    timeout_s: int = Field(4 * 3600, gt=0)
+    extra_args: list[str] = Field(
+        default_factory=list, description="more trtllm-build flags, passed as they are"
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.max_input_len > self.max_seq_len:
+            raise ValueError(
+                f"max_input_len {self.max_input_len} exceeds max_seq_len {self.max_seq_len}"
+            )
+        if self.launcher == "command" and not self.command_prefix:
+            raise ValueError("launcher: command needs command_prefix, e.g. [srun, --gpus=1]")
+        return self
+
+    # ------------------------------------------------------------------ validation
+
+    def _export_of(self, before):
+        exports = [s for s in before if s.name == "export"]
+        return exports[-1] if exports else None
+
+    def _quant(self, before) -> tuple[str | None, str | None]:
+        """(quant_algo, kv cache algo) the checkpoint will carry, from the quantizing stage."""
+        for s in before:
+            algo = s.trtllm_quant_algo()
+            if algo is not None:
+                kv = getattr(s, "kv_cache", "none")
+                return algo[0], None if kv == "none" else kv.upper()
+        return None, None
+
+    def check(self, recipe, before, env):
+        problems = super().check(recipe, before, env)
+        export = self._export_of(before)
+        if export is None or export.trtllm_checkpoint is None:
+            problems.append(
+                (
+                    "",
+                    "build needs a TensorRT-LLM checkpoint: put an `export` stage with "
+                    "trtllm_checkpoint before it",
+                )
+            )
+        algo, kv = self._quant(before)
+        if self.use_fp8_context_fmha and kv != "FP8":
+            problems.append(
+                (
+                    "use_fp8_context_fmha",
+                    "FP8 context FMHA needs an FP8 KV cache (ptq kv_cache: fp8)",
+                )
+            )
+        if algo in AWQ_ALGOS and kv == "FP8" and self.use_paged_context_fmha:
+            problems.append(
+                (
+                    "",
+                    f"{algo} with an FP8 KV cache: TensorRT-LLM 1.2 turns paged context FMHA off for "
+                    "it (losing KV reuse and chunked context); drop the FP8 KV cache or set "
+                    "use_paged_context_fmha: false to accept that",
+                )
+            )
+        if kv == "INT8" and self.use_paged_context_fmha:
+            problems.append(
+                ("use_paged_context_fmha", "an INT8 KV cache does not work with paged context FMHA")
+            )
+        sm = self.gpu_compute_capability
+        if sm is not None:
+            if (algo in FP8_ALGOS or kv == "FP8") and sm < 8.9:
+                problems.append(
+                    ("gpu_compute_capability", f"FP8 needs SM 8.9+ (Ada/Hopper); target is {sm}")
+                )
+            if algo == "NVFP4" and sm < 10.0:
+                problems.append(
+                    (
+                        "gpu_compute_capability",
+                        f"NVFP4 engines need SM 10.0+ (Blackwell); target is {sm}",
+                    )
+                )
+            if sm >= 10.0 and (
+                algo in AWQ_ALGOS | {"W8A16", "W8A8_SQ_PER_CHANNEL", "FP8_PER_CHANNEL_PER_TOKEN"}
+                or kv == "INT8"
+            ):
+                problems.append(
+                    ("gpu_compute_capability", f"TensorRT-LLM 1.2 rejects {algo or kv} on SM {sm}")
+                )
+        if self.weight_sparsity and not any(s.name == "sparsify" for s in before):
+            problems.append(("weight_sparsity", "no earlier stage makes the model 2:4 sparse"))
+        maxpos = (env.model_config or {}).get("max_position_embeddings")
+        if (
+            maxpos
+            and self.max_seq_len > maxpos
+            and not (env.model_config or {}).get("rope_scaling")
+        ):
+            problems.append(
+                (
+                    "max_seq_len",
+                    f"{self.max_seq_len} exceeds the model's max_position_embeddings {maxpos}",
+                )
+            )
+        return problems
+
+    # ------------------------------------------------------------------ the command
+
+    def build_argv(self, checkpoint: Path, output: Path, world_size: int) -> list[str]:
+        argv = [
+            self.trtllm_build,
+            "--checkpoint_dir",
+            str(checkpoint),
+            "--output_dir",
+            str(output),
+            "--max_batch_size",
+            str(self.max_batch_size),
+            "--max_input_len",
+            str(self.max_input_len),
+            "--max_seq_len",
+            str(self.max_seq_len),
+            "--max_num_tokens",
+            str(self.max_num_tokens),
+            "--max_beam_width",
+            str(self.max_beam_width),
+            "--kv_cache_type",
+            self.kv_cache_type,
+            "--use_paged_context_fmha",
+            "enable" if self.use_paged_context_fmha else "disable",
+            "--workers",
+            str(self.workers or world_size),
+        ]
+        if self.gemm_plugin:
+            argv += ["--gemm_plugin", self.gemm_plugin]
+        if self.use_fp8_context_fmha:
+            argv += ["--use_fp8_context_fmha", "enable"]
+        if self.weight_sparsity:
+            argv.append("--weight_sparsity")
+        return argv + list(self.extra_args)
+
+    def command(self, argv: list[str], run_dir: Path) -> list[str]:
+        from optimizer.launchers import wrap
+
+        return wrap(
+            self.launcher, argv, image=self.image, mounts=[run_dir], prefix=self.command_prefix
+        )
+
+    def preview(self, run_dir: Path, world_size: int = 1) -> str:
+        """The exact command a run would execute (for --dry-run)."""
+        argv = self.build_argv(
+            run_dir / "trtllm_checkpoint", run_dir / ".tmp-NN-engine", world_size
+        )
+        return shlex.join(self.command(argv, run_dir))
+
+    # ------------------------------------------------------------------ run
+
+    def preflight(self) -> None:
+        """Before hours of PTQ, make sure the launcher can run at all."""
+        from optimizer.launchers import preflight
+
+        preflight(self.launcher, self.trtllm_build, self.command_prefix)
+
+    def run(self, ctx: StageContext) -> StageResult:
+        from optimizer import trtllm
+        from optimizer.launchers import preflight, run_logged
+
+        run_dir = ctx.run_dir
+        checkpoint = run_dir / "trtllm_checkpoint"
+        problems = trtllm.check_checkpoint(checkpoint)
+        if problems:
+            raise StageError(
+                "the TensorRT-LLM checkpoint is invalid, not building it:\n  "
+                + "\n  ".join(p.message for p in problems)
+            )
+        config = json.loads((checkpoint / "config.json").read_text())
+        world = int((config.get("mapping") or {}).get("world_size", 1))
+        preflight(self.launcher, self.trtllm_build, self.command_prefix)
+        version = self._version(run_dir)
+        ctx.log.info("TensorRT-LLM %s via %s", version or "(version unknown)", self.launcher)
+        engine = ctx.new_output("engine")
+        cmd = self.command(self.build_argv(checkpoint, engine, world), run_dir)
+        ctx.log.info("build command: %s", shlex.join(cmd))
+        run_logged(cmd, run_dir / "logs" / "trtllm-build.log", self.timeout_s, "trtllm-build")
+        self._verify(engine, world)
+        deploy = ctx.new_output("deploy")
+        self._write_deploy(deploy, run_dir, config)
+        return StageResult(
+            outputs={"engine": engine, "deploy": deploy},
+            metrics={
+                "command": cmd,
+                "tensorrt_llm_version": version,
+                "world_size": world,
+                "engine_bytes": sum(f.stat().st_size for f in engine.glob("rank*.engine")),
+            },
+        )
+
+    def _version(self, run_dir: Path) -> str | None:
+        """TensorRT-LLM's version where the build runs; engines need <= 1.2 (removed after)."""
+        cmd = self.command([self.python, "-c", VERSION_PROBE], run_dir)
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        version = out.stdout.strip() if out.returncode == 0 else None
+        if version:
+            major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+            if major_minor > (1, 2):
+                raise StageError(
+                    f"TensorRT-LLM {version} has no trtllm-build engine path (removed after 1.2); "
+                    "serve the unified HF checkpoint with the PyTorch backend (deploy/), or use a "
+                    f"1.2 image such as {DEFAULT_IMAGE}"
+                )
+            if major_minor < (1, 0):
+                raise StageError(
+                    f"TensorRT-LLM {version} predates the checkpoints ModelOpt 0.47 writes; use 1.x"
+                )
+        return version
+
+    @staticmethod
+    def _verify(engine: Path, world: int) -> None:
+        """A build that exited 0 but left no complete engine is still a failure."""
+        try:
+            config = json.loads((engine / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise StageError(
+                f"trtllm-build finished but {engine.name}/config.json is missing or invalid ({e})"
+            ) from None
+        missing = [k for k in ("pretrained_config", "build_config") if k not in config]
+        if missing:
+            raise StageError(
+                f"engine config.json lacks {', '.join(missing)}: not an engine directory"
+            )
+        absent = [
+            f"rank{r}.engine" for r in range(world) if not (engine / f"rank{r}.engine").is_file()
+        ]
+        if absent:
+            raise StageError(
+                f"trtllm-build left no {', '.join(absent)} (world_size {world}): the build is incomplete"
+            )
+
+    def _write_deploy(self, deploy: Path, run_dir: Path, config: dict) -> None:
+        """extra_llm_api_options.yaml + serve commands for TensorRT-LLM >= 1.0 (PyTorch backend)."""
+        import yaml
+
+        quant = config.get("quantization") or {}
+        options: dict = {
+            "max_batch_size": self.max_batch_size,
+            "max_num_tokens": self.max_num_tokens,
+            "max_seq_len": self.max_seq_len,
+            "kv_cache_config": {"enable_block_reuse": True, "free_gpu_memory_fraction": 0.9},
+        }
+        if quant.get("kv_cache_quant_algo") == "FP8":
+            options["kv_cache_config"]["dtype"] = "fp8"
+        (deploy / "extra_llm_api_options.yaml").write_text(yaml.safe_dump(options, sort_keys=False))
+        tp = (config.get("mapping") or {}).get("tp_size", 1)
+        hf, engine = run_dir / "hf_checkpoint", run_dir / "engine"
+        lines = [
+            "#!/usr/bin/env bash",
+            "# Serve the optimized model with TensorRT-LLM (OpenAI-compatible API).",
+            "# PyTorch backend (TensorRT-LLM >= 1.0) on the unified HF checkpoint:",
+            f"trtllm-serve {hf} --backend pytorch --tp_size {tp} --max_batch_size {self.max_batch_size} "
+            f"--max_seq_len {self.max_seq_len} --extra_llm_api_options {deploy.parent / 'deploy' / 'extra_llm_api_options.yaml'} "
+            '--host 0.0.0.0 --port 8000 "$@"',
+            "# TensorRT engines (TensorRT-LLM <= 1.2):",
+            f"# trtllm-serve {engine} --backend tensorrt --tokenizer {hf} --host 0.0.0.0 --port 8000",
+        ]
+        serve = deploy / "serve.sh"
+        serve.write_text("\n".join(lines) + "\n")
+        serve.chmod(0o755)
