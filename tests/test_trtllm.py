@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 from safetensors.torch import load_file, save_file
-from tiny import CALIBRATION
+from tiny import run_tiny_recipe
 
 from optimizer import trtllm
 from optimizer.cli import main
@@ -15,13 +15,9 @@ from optimizer.cli import main
 @pytest.fixture(scope="module")
 def fp8_checkpoint(tmp_path_factory, tiny_llama):
     base = tmp_path_factory.mktemp("ckpt")
-    recipe = base / "r.yaml"
-    recipe.write_text(
-        f"name: c\nmodel: {{source: {tiny_llama}}}\n"
-        f"calibration: {{dataset: {CALIBRATION}, num_samples: 2, seq_len: 32}}\n"
-        "stages:\n  - ptq: {format: fp8, kv_cache: fp8}\n  - export: {}\n"
+    assert (
+        run_tiny_recipe(base, tiny_llama, ["ptq: {format: fp8, kv_cache: fp8}", "export: {}"]) == 0
     )
-    assert main(["run", str(recipe), "-o", str(base / "run"), "-q"]) == 0
     return base / "run" / "trtllm_checkpoint"
 
 

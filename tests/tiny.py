@@ -67,3 +67,26 @@ def make_tiny_llama(
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def run_tiny_recipe(
+    directory: Path,
+    model: Path,
+    stages: list[str],
+    *,
+    num_samples: int = 2,
+    seq_len: int = 32,
+    batch_size: int = 8,
+    extra: tuple[str, ...] = (),
+) -> int:
+    """Write ``directory/recipe.yaml`` running ``stages`` (YAML flow mappings such as
+    ``"ptq: {format: fp8}"``) on ``model`` and run it into ``directory/run``; the exit code."""
+    from optimizer.cli import main
+
+    recipe = directory / "recipe.yaml"
+    recipe.write_text(
+        f"name: tiny\nmodel: {{source: {model}}}\n"
+        f"calibration: {{dataset: {CALIBRATION}, num_samples: {num_samples}, seq_len: {seq_len}, "
+        f"batch_size: {batch_size}}}\nstages:\n" + "".join(f"  - {s}\n" for s in stages)
+    )
+    return main(["run", str(recipe), "-o", str(directory / "run"), "-q", *extra])

@@ -2,21 +2,16 @@
 
 import json
 
-from tiny import CALIBRATION
+from tiny import run_tiny_recipe
 
-from optimizer.cli import main
 from optimizer.trtllm import check_checkpoint
 
 
 def test_mixed_precision_under_budget(tiny_llama, tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        f"name: aq\nmodel: {{source: {tiny_llama}}}\n"
-        f"calibration: {{dataset: {CALIBRATION}, num_samples: 8, seq_len: 64, batch_size: 4}}\n"
-        "stages:\n  - auto_quantize: {effective_bits: 7.0, formats: [fp8, int4_awq]}\n"
-        "  - export: {}\n"
+    stages = ["auto_quantize: {effective_bits: 7.0, formats: [fp8, int4_awq]}", "export: {}"]
+    assert (
+        run_tiny_recipe(tmp_path, tiny_llama, stages, num_samples=8, seq_len=64, batch_size=4) == 0
     )
-    assert main(["run", str(recipe), "-o", str(tmp_path / "run"), "-q"]) == 0
     rec = json.loads((tmp_path / "run" / "run.json").read_text())
     metrics = rec["stages"][0]["metrics"]
     assert metrics["effective_bits"] <= 7.0
@@ -33,13 +28,8 @@ def test_mixed_precision_under_budget(tiny_llama, tmp_path):
 
 
 def test_infeasible_budget_is_bad_input(tiny_llama, tmp_path, capsys):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        f"name: aq\nmodel: {{source: {tiny_llama}}}\n"
-        f"calibration: {{dataset: {CALIBRATION}, num_samples: 4, seq_len: 32, batch_size: 4}}\n"
-        "stages:\n  - auto_quantize: {effective_bits: 4.5, formats: [fp8, int4_awq]}\n  - export: {}\n"
-    )
-    assert main(["run", str(recipe), "-o", str(tmp_path / "run"), "-q"]) == 2
+    stages = ["auto_quantize: {effective_bits: 4.5, formats: [fp8, int4_awq]}", "export: {}"]
+    assert run_tiny_recipe(tmp_path, tiny_llama, stages, num_samples=4, batch_size=4) == 2
     err = capsys.readouterr().err
     assert (
         "stage 'auto_quantize': effective_bits 4.5:" in err

@@ -109,6 +109,14 @@ def test_hung_build_times_out(tiny_llama, tmp_path, monkeypatch, capsys):
     assert not (out / "engine").exists()
 
 
+def run_double(ckpt, out):
+    return subprocess.run(
+        [sys.executable, str(DOUBLE), "--checkpoint_dir", str(ckpt), "--output_dir", str(out)],
+        capture_output=True,
+        text=True,
+    )
+
+
 def test_the_double_enforces_the_checkpoint_contract(tiny_llama, tmp_path):
     """Sanity of the double itself: it refuses what trtllm-build refuses."""
     out = tmp_path / "run"
@@ -119,34 +127,12 @@ def test_the_double_enforces_the_checkpoint_contract(tiny_llama, tmp_path):
     config = json.loads((ckpt / "config.json").read_text())
     config["quantization"]["fp8_scales"] = 1
     (ckpt / "config.json").write_text(json.dumps(config))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(DOUBLE),
-            "--checkpoint_dir",
-            str(ckpt),
-            "--output_dir",
-            str(tmp_path / "e"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_double(ckpt, tmp_path / "e")
     assert proc.returncode == 1 and "unexpected keyword argument 'fp8_scales'" in proc.stderr
     (ckpt / "rank1.safetensors").unlink()
     config["quantization"].pop("fp8_scales")
     (ckpt / "config.json").write_text(json.dumps(config))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(DOUBLE),
-            "--checkpoint_dir",
-            str(ckpt),
-            "--output_dir",
-            str(tmp_path / "e"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_double(ckpt, tmp_path / "e")
     assert proc.returncode == 1 and "rank1.safetensors" in proc.stderr
 
 

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from tiny import CALIBRATION, make_tiny_llama
+from tiny import make_tiny_llama, run_tiny_recipe
 
 from optimizer import trtllm
 from optimizer.cli import main
@@ -24,13 +24,7 @@ def llama3_style(tmp_path_factory):
 
 
 def test_export_keeps_llama3_rope_settings(llama3_style, tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        f"name: rope\nmodel: {{source: {llama3_style}}}\n"
-        f"calibration: {{dataset: {CALIBRATION}, num_samples: 2, seq_len: 32}}\n"
-        "stages:\n  - ptq: {format: fp8}\n  - export: {}\n"
-    )
-    assert main(["run", str(recipe), "-o", str(tmp_path / "run"), "-q"]) == 0
+    assert run_tiny_recipe(tmp_path, llama3_style, ["ptq: {format: fp8}", "export: {}"]) == 0
     config = json.loads((tmp_path / "run" / "trtllm_checkpoint" / "config.json").read_text())
     source = json.loads((llama3_style / "config.json").read_text())["rope_parameters"]
     assert config["rotary_base"] == source["rope_theta"] == 500000.0
@@ -55,14 +49,9 @@ def test_rope_settings_from_transformers_4_style_config():
 
 
 def test_tensor_and_pipeline_parallel_shards(tiny_llama, tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        f"name: tp\nmodel: {{source: {tiny_llama}}}\n"
-        f"calibration: {{dataset: {CALIBRATION}, num_samples: 2, seq_len: 32}}\n"
-        "stages:\n  - ptq: {format: fp8}\n  - export: {trtllm_checkpoint: {tp: 2, pp: 1}}\n"
-    )
-    assert main(["run", str(recipe), "-o", str(tmp_path / "tp"), "-q"]) == 0
-    ckpt = tmp_path / "tp" / "trtllm_checkpoint"
+    stages = ["ptq: {format: fp8}", "export: {trtllm_checkpoint: {tp: 2, pp: 1}}"]
+    assert run_tiny_recipe(tmp_path, tiny_llama, stages) == 0
+    ckpt = tmp_path / "run" / "trtllm_checkpoint"
     assert sorted(p.name for p in ckpt.glob("rank*")) == ["rank0.safetensors", "rank1.safetensors"]
     config = json.loads((ckpt / "config.json").read_text())
     assert config["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1}
@@ -75,7 +64,7 @@ def test_tensor_and_pipeline_parallel_shards(tiny_llama, tmp_path):
         main(
             [
                 "run",
-                str(recipe),
+                str(tmp_path / "recipe.yaml"),
                 "-o",
                 str(tmp_path / "pp"),
                 "-q",
