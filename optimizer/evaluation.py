@@ -48,7 +48,8 @@ def evaluate(
         )
     manager = TaskManager(
         include_path=str(include_path) if include_path else None,
-        include_defaults=include_path is None,
+        # lm-eval's own tasks (hub data) only when asked for: indexing them costs seconds.
+        include_defaults=include_path is None or any(not t.startswith("local_") for t in tasks),
     )
     out = lm_eval.simple_evaluate(
         model=lm,

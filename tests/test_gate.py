@@ -286,3 +286,23 @@ def test_gate_after_export_in_a_recipe(tiny_llama, tiny_suite, tmp_path, monkeyp
     assert main(["run", str(recipe), "-o", str(tmp_path / "run"), "-q"]) == 0
     gate = json.loads((tmp_path / "run" / "report" / "gate.json").read_text())
     assert gate["passed"] is True and gate["metrics"][0]["n"] == 10
+
+
+def test_builtin_lm_eval_tasks_are_indexed_only_when_named(monkeypatch):
+    """Local tasks resolve without lm-eval's own index; any other name brings it in."""
+    import lm_eval.tasks
+
+    from optimizer import evaluation
+
+    seen = []
+
+    class Recorder(lm_eval.tasks.TaskManager):
+        def __init__(self, include_path=None, include_defaults=True, **kw):
+            seen.append(include_defaults)
+            raise RuntimeError("stop")
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Recorder)
+    for tasks in (["local_arc_easy"], ["arc_easy"]):
+        with pytest.raises(RuntimeError, match="stop"):
+            evaluation.evaluate(None, None, tasks, lm=object())
+    assert seen == [False, True]
