@@ -60,4 +60,16 @@ stages:
       hf_checkpoint: true
 """
 
-__all__ = ["REPO", "CALIBRATION"]
+#: The resolved ptq section of TINY_FP8_RECIPE: every default filled in.
+TINY_PTQ_RESOLVED = {
+    "ptq": {
+        "format": "fp8",
+        "modelopt_recipe": None,
+        "algorithm": None,
+        "group_size": None,
+        "kv_cache": "none",
+        "exclude": [],
+    }
+}
+
+__all__ = ["REPO", "CALIBRATION", "TINY_PTQ_RESOLVED"]

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import TINY_PTQ_RESOLVED
 
 from optimizer.cli import main
 from optimizer.errors import OptimizerError
@@ -40,16 +41,7 @@ def test_run_json_contract(finished_run, tiny_llama):
     recipe, run_dir = finished_run
     rec = read_run(run_dir)
     assert rec["status"] == "success" and rec["error"] is None
-    assert rec["recipe"]["stages"][0] == {
-        "ptq": {
-            "format": "fp8",
-            "modelopt_recipe": None,
-            "algorithm": None,
-            "group_size": None,
-            "kv_cache": "none",
-            "exclude": [],
-        }
-    }
+    assert rec["recipe"]["stages"][0] == TINY_PTQ_RESOLVED
     assert rec["recipe_sha256"] == load_recipe(recipe).sha256()
     assert rec["versions"]["nvidia-modelopt"].startswith("0.47")
     assert rec["versions"]["transformers"] and rec["versions"]["torch"]

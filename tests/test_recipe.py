@@ -1,6 +1,7 @@
 """Recipe schema, YAML line numbers, --set overrides, stage ordering, file checks."""
 
 import pytest
+from conftest import TINY_PTQ_RESOLVED
 
 from optimizer.errors import OptimizerError, RecipeError
 from optimizer.recipe import load_recipe
@@ -20,16 +21,7 @@ def test_valid_recipe_resolves_defaults(write_recipe, tiny_llama):
     assert [type(s) for s in recipe.stages] == [PTQ, Export]
     assert recipe.stages[0].kv_cache == "none"  # default filled in
     resolved = recipe.resolved()
-    assert resolved["stages"][0] == {
-        "ptq": {
-            "format": "fp8",
-            "modelopt_recipe": None,
-            "algorithm": None,
-            "group_size": None,
-            "kv_cache": "none",
-            "exclude": [],
-        }
-    }
+    assert resolved["stages"][0] == TINY_PTQ_RESOLVED
     assert resolved["calibration"]["seed"] == 0
     assert len(recipe.sha256()) == 64
 

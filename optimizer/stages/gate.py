@@ -104,12 +104,12 @@ class Gate(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         from optimizer import gate, models, report
-        from optimizer.evaluation import evaluate_suite
+        from optimizer.evaluation import LOCAL_TASKS, evaluate_suite
 
         suite = self.resolved_suite(ctx.recipe.base_dir)
         state = ctx.state
         tokenizer = ctx.tokenizer()
-        key = gate.baseline_key(state.source_fingerprint, suite, state.dtype, _include_path())
+        key = gate.baseline_key(state.source_fingerprint, suite, state.dtype, LOCAL_TASKS)
         cache_file = gate.baseline_path(models.cache_dir(), key)
         t0 = time.time()
         baseline = gate.load_baseline(cache_file, key)
@@ -210,9 +210,3 @@ class Gate(Stage):
         else:
             model = ctx.model()
         return evaluate_suite(model, tokenizer, suite)
-
-
-def _include_path():
-    from optimizer.evaluation import LOCAL_TASKS
-
-    return LOCAL_TASKS
