@@ -99,9 +99,9 @@ def _text_of(record: Any, field: str, path: Path) -> str:
 
 
 def _read_hub(spec: CalibrationSpec) -> list[str]:
-    from optimizer.models import _hub_reachable
+    from optimizer.models import hub_unreachable_reason
 
-    reason = _hub_reachable()
+    reason = hub_unreachable_reason()
     if reason:
         raise OptimizerError(
             f"calibration dataset '{spec.dataset}' is not a local file and the hub cannot be "

@@ -319,7 +319,7 @@ def _convert_gguf(gguf: Path, target: Path, marker_key: str) -> None:
 # --------------------------------------------------------------------------- hub
 
 
-def _hub_reachable(timeout: float = 3.0) -> str | None:
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
     """None if the hub answers a TCP connect, else the reason. Fails in seconds, not minutes."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return "HF_HUB_OFFLINE is set"
@@ -340,7 +340,7 @@ def _from_hub(repo_id: str) -> ResolvedModel:
         path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
         log.info("using cached hub snapshot %s", path)
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-        reason = _hub_reachable()
+        reason = hub_unreachable_reason()
         if reason:
             raise OptimizerError(
                 f"model '{repo_id}' is not in the local Hugging Face cache and the hub cannot be "

@@ -218,7 +218,7 @@ class Build(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         from optimizer import trtllm
-        from optimizer.launchers import preflight, run_logged
+        from optimizer.launchers import run_logged
 
         run_dir = ctx.run_dir
         checkpoint = run_dir / "trtllm_checkpoint"
@@ -230,7 +230,7 @@ class Build(Stage):
             )
         config = json.loads((checkpoint / "config.json").read_text())
         world = int((config.get("mapping") or {}).get("world_size", 1))
-        preflight(self.launcher, self.trtllm_build, self.command_prefix)
+        # The launcher itself was checked by preflight() before the run loaded any model.
         version = self._version(run_dir)
         ctx.log.info("TensorRT-LLM %s via %s", version or "(version unknown)", self.launcher)
         engine = ctx.new_output("engine")
