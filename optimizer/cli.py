@@ -203,7 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="fail",
         help="what a drop within noise of the threshold counts as (default: fail)",
     )
-    gate.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    gate.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float16", "float32"),
+        help="the models' dtype (default: bfloat16)",
+    )
+    gate.add_argument(
+        "--compute-dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="dtype to evaluate in; auto (default): --dtype, except float32 on a CPU without "
+        "native bf16/fp16 math, where it is emulated several times slower",
+    )
     gate.add_argument("--force", action="store_true", help="replace a previous gate run in DIR")
     gate.add_argument(
         "-q", "--quiet", action="store_true", help="only warnings and errors on the console"
@@ -370,7 +382,11 @@ def cmd_gate(args: argparse.Namespace) -> int:
         gate["candidate"] = str(Path(args.candidate).resolve())
     data = {
         "name": "gate",
-        "model": {"source": args.baseline, "dtype": args.dtype},
+        "model": {
+            "source": args.baseline,
+            "dtype": args.dtype,
+            "compute_dtype": args.compute_dtype,
+        },
         "stages": [{"gate": gate}],
     }
     recipe = parse_recipe(data, SourceMap("optimize gate"), Path.cwd())

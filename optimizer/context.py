@@ -25,14 +25,21 @@ class ModelState:
     """
 
     checkpoint: Path
+    #: The recipe's dtype: what every saved and exported artifact is stored in.
     dtype: str
     trust_remote_code: bool = False
+    #: What the model computes in while in memory (optimizer.hardware.compute_dtype);
+    #: defaults to ``dtype``.
+    compute_dtype: str = ""
     #: The recipe's unmodified model (what the gate compares against) and its identity.
     source_path: Path | None = None
     source_fingerprint: str = ""
     model: Any = None
     tokenizer: Any = None
     calibration_tokens: Any = None
+
+    def __post_init__(self) -> None:
+        self.compute_dtype = self.compute_dtype or self.dtype
 
 
 @dataclass
@@ -51,7 +58,7 @@ class StageContext:
         if self.state.model is None:
             log.info("loading model from %s", self.state.checkpoint)
             self.state.model = models.load_model(
-                self.state.checkpoint, self.state.dtype, self.state.trust_remote_code
+                self.state.checkpoint, self.state.compute_dtype, self.state.trust_remote_code
             )
         return self.state.model
 

@@ -16,6 +16,9 @@ from typing import Any
 
 #: The repository's offline task definitions (present in a source checkout).
 LOCAL_TASKS = Path(__file__).resolve().parents[1] / "evals" / "tasks"
+#: How loglikelihoods are computed (part of the baseline cache key): shared contexts, see
+#: optimizer/prefix_sharing.py.
+SCORING = "prefix-sharing-v1"
 
 
 def evaluate(
@@ -35,11 +38,12 @@ def evaluate(
     "samples": {task: [...]}}`` (samples only with ``log_samples``)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from optimizer.prefix_sharing import PrefixSharingHFLM
+
     if lm is None:  # a served model comes with its own client (optimizer.endpoint)
-        lm = HFLM(
+        lm = PrefixSharingHFLM(
             pretrained=model,
             tokenizer=tokenizer,
             batch_size=batch_size,

@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from optimizer.evaluation import Suite, Threshold, task_fingerprint
+from optimizer.evaluation import SCORING, Suite, Threshold, task_fingerprint
 
 Z_DECIDE = 1.645  # one-sided 95 %
 Z_INTERVAL = 1.96  # two-sided 95 % for the reported interval
@@ -123,12 +123,18 @@ def decide(
 
 
 def baseline_key(
-    model_fingerprint: str, suite: Suite, dtype: str, include_path: Path | None
+    model_fingerprint: str,
+    suite: Suite,
+    dtype: str,
+    include_path: Path | None,
+    compute_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Everything a baseline score depends on; its hash names the cache entry."""
     return {
         "model": model_fingerprint,
         "dtype": dtype,
+        "compute_dtype": compute_dtype or dtype,
+        "scoring": SCORING,
         "lm_eval": metadata.version("lm-eval"),
         "seed": 0,
         "max_length": suite.max_length,

@@ -392,6 +392,24 @@ def load_model(path: Path, dtype: str, trust_remote_code: bool = False):
     return model
 
 
+def save_in_dtype(model, out: Path, dtype: str) -> None:
+    """``save_pretrained`` in the artifact dtype, whatever the model computes in.
+
+    A model computing in float32 for a bf16 recipe is rounded to bf16 (weights and ModelOpt
+    buffers such as amax, as a bf16 run holds them) and saved; it then stays rounded in
+    memory, so the live model and a resumed run's reload of this save are the same model.
+    """
+
+    compute = next(model.parameters()).dtype
+    target = torch_dtype(dtype)
+    if compute != target:
+        model.to(target)
+    model.config.dtype = dtype
+    model.save_pretrained(out)
+    if compute != target:
+        model.to(compute)
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from optimizer import calibration, models
+from optimizer import calibration, hardware, models
 from optimizer.context import ModelState, StageContext
 from optimizer.errors import GateFailed, OptimizerError, StageError, StageFailed
 from optimizer.recipe import Recipe
@@ -93,12 +93,15 @@ def stage_fingerprint(
     calib_fp: str | None,
     upstream: str,
     versions: dict[str, str | None],
+    compute_dtype: str | None = None,
 ) -> str:
     inputs = {
         "stage": stage.name,
         "config": stage.model_dump(mode="json"),
         "model": model_fp,
         "dtype": recipe.model.dtype,
+        # Calibration in float32 gives (slightly) other scales than in bf16.
+        "compute_dtype": compute_dtype or recipe.model.dtype,
         "calibration": (
             [recipe.calibration.model_dump(mode="json"), calib_fp]
             if stage.needs_calibration and recipe.calibration
@@ -210,6 +213,21 @@ class Runner:
         try:
             self._preflight(previous)
             self.record["device"] = device_info()
+            compute = hardware.compute_dtype(
+                recipe.model.dtype, recipe.model.compute_dtype, cuda=self.record["device"]["cuda"]
+            )
+            self.record["device"]["compute_dtype"] = compute
+            if compute != recipe.model.dtype:
+                log.info(
+                    "computing in %s: %s; saved and exported artifacts stay %s "
+                    "(set model.compute_dtype to choose)",
+                    compute,
+                    f"this CPU has no native {recipe.model.dtype} math (no AVX512-BF16/AMX), "
+                    "so it would be emulated several times slower"
+                    if recipe.model.compute_dtype == "auto"
+                    else "model.compute_dtype says so",
+                    recipe.model.dtype,
+                )
             resolved = models.resolve_source(recipe.model.source, recipe.base_dir)
             self.record["model"] = {
                 "source": resolved.source,
@@ -227,13 +245,14 @@ class Runner:
                 recipe.model.trust_remote_code,
                 source_path=resolved.path,
                 source_fingerprint=resolved.fingerprint,
+                compute_dtype=compute,
             )
             prev_stages = (previous or {}).get("stages", [])
             upstream = ""
             reusing = True
             for i, stage in enumerate(recipe.stages):
                 fp = stage_fingerprint(
-                    stage, recipe, resolved.fingerprint, calib_fp, upstream, versions
+                    stage, recipe, resolved.fingerprint, calib_fp, upstream, versions, compute
                 )
                 upstream = fp
                 entry = self.record["stages"][i]
@@ -380,7 +399,7 @@ class Runner:
         model = ctx.model()
         out = ctx.new_output("model")
         models.enable_modelopt_checkpointing()
-        model.save_pretrained(out)
+        models.save_in_dtype(model, out, ctx.state.dtype)
         ctx.tokenizer().save_pretrained(out)
 
     def _commit(self, i: int, stage: Stage, outputs: dict[str, Path]) -> dict[str, dict[str, str]]:

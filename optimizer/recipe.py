@@ -32,7 +32,15 @@ class ModelSpec(Strict):
     source: str = Field(
         description="Hugging Face hub id, a local HF checkpoint directory, or builtin:<name>"
     )
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype of every saved and exported artifact"
+    )
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="dtype of calibration, training and evaluation math; auto: `dtype`, except "
+        "float32 on a CPU without native bf16/fp16 math (no AVX512-BF16/AMX), where half "
+        "precision is emulated and several times slower",
+    )
     trust_remote_code: bool = False
 
 

@@ -109,7 +109,9 @@ class Gate(Stage):
         suite = self.resolved_suite(ctx.recipe.base_dir)
         state = ctx.state
         tokenizer = ctx.tokenizer()
-        key = gate.baseline_key(state.source_fingerprint, suite, state.dtype, LOCAL_TASKS)
+        key = gate.baseline_key(
+            state.source_fingerprint, suite, state.dtype, LOCAL_TASKS, state.compute_dtype
+        )
         cache_file = gate.baseline_path(models.cache_dir(), key)
         t0 = time.time()
         baseline = gate.load_baseline(cache_file, key)
@@ -118,7 +120,9 @@ class Gate(Stage):
             ctx.log.info("baseline: reusing cached scores (%s)", cache_file.name)
         else:
             ctx.log.info("baseline: evaluating %s on suite %s", state.source_path, suite.name)
-            base_model = models.load_model(state.source_path, state.dtype, state.trust_remote_code)
+            base_model = models.load_model(
+                state.source_path, state.compute_dtype, state.trust_remote_code
+            )
             baseline = evaluate_suite(base_model, tokenizer, suite)
             del base_model
             gate.save_baseline(cache_file, key, baseline)
@@ -201,11 +205,11 @@ class Gate(Stage):
                 raise OptimizerError(
                     f"gate.candidate {path} is not a checkpoint directory (no config.json)"
                 )
-            model = models.load_model(path, ctx.state.dtype, ctx.state.trust_remote_code)
+            model = models.load_model(path, ctx.state.compute_dtype, ctx.state.trust_remote_code)
         elif self.evaluate == "checkpoint":  # the saved artifact, not the memory state
             ctx.log.info("candidate: reloading %s from disk", ctx.state.checkpoint)
             model = models.load_model(
-                ctx.state.checkpoint, ctx.state.dtype, ctx.state.trust_remote_code
+                ctx.state.checkpoint, ctx.state.compute_dtype, ctx.state.trust_remote_code
             )
         else:
             model = ctx.model()
