@@ -20,7 +20,8 @@ test: $(VENV)/.installed lint
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check optimizer tests
+	$(BIN)/ruff check optimizer tests bench
+	$(BIN)/ruff format --check optimizer tests bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -73,7 +73,9 @@ class PrefixSharingHFLM(HFLM):
         ordered = sorted(groups.values(), key=lambda g: -g.length)  # little padding per batch
         batch_size = int(override_bs or self.batch_size)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="scoring")
+        # Passing disable=False would override TQDM_DISABLE (the CLI's quiet mode).
+        quiet = {"disable": True} if disable_tqdm or self.rank != 0 else {}
+        bar = tqdm(total=len(requests), desc="scoring", **quiet)
         for start in range(0, len(ordered), batch_size):
             batch = ordered[start : start + batch_size]
             for index, answer in self._score_batch(batch):

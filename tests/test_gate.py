@@ -306,3 +306,25 @@ def test_builtin_lm_eval_tasks_are_indexed_only_when_named(monkeypatch):
         with pytest.raises(RuntimeError, match="stop"):
             evaluation.evaluate(None, None, tasks, lm=object())
     assert seen == [False, True]
+
+
+def test_folding_fake_quant_weights_keeps_the_logits(tiny_llama):
+    """The gate bakes fake-quantized weights in before evaluating its own copy: same logits,
+    weight quantizers off, activation quantizers still on."""
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    from optimizer.models import load_model
+    from optimizer.stages.gate import fold_fake_quant_weights
+
+    model = load_model(tiny_llama, "float32")
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    mtq.quantize(model, mtq.FP8_DEFAULT_CFG, lambda m: m(input_ids=ids))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert fold_fake_quant_weights(model) == 14  # 7 linears x 2 layers
+        after = model(input_ids=ids).logits
+    assert torch.allclose(before, after, atol=1e-5)
+    linear = model.model.layers[0].mlp.down_proj
+    assert not linear.weight_quantizer.is_enabled and linear.input_quantizer.is_enabled
+    assert fold_fake_quant_weights(load_model(tiny_llama, "float32")) == 0  # nothing to fold

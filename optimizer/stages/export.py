@@ -88,6 +88,10 @@ class Export(Stage):
 
         model = ctx.model()
         dtype = torch_dtype(ctx.recipe.model.dtype)
+        # A model computing in float32 for a bf16 recipe (optimizer.hardware.compute_dtype) is
+        # cast first: export_hf_checkpoint writes unquantized tensors in the model's own dtype,
+        # whatever `dtype` says. Export invalidates the live model anyway.
+        model.to(dtype)
         result = StageResult()
         if self.trtllm_checkpoint is not None:
             from modelopt.torch.export import export_tensorrt_llm_checkpoint

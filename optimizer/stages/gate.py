@@ -206,11 +206,30 @@ class Gate(Stage):
                     f"gate.candidate {path} is not a checkpoint directory (no config.json)"
                 )
             model = models.load_model(path, ctx.state.compute_dtype, ctx.state.trust_remote_code)
-        elif self.evaluate == "checkpoint":  # the saved artifact, not the memory state
-            ctx.log.info("candidate: reloading %s from disk", ctx.state.checkpoint)
+        elif self.evaluate == "checkpoint" or ctx.state.model is None:
+            # The saved state (after an export invalidated the live model, or when asked for):
+            # loaded as the gate's own copy, not handed on to later stages.
+            ctx.log.info("candidate: loading %s", ctx.state.checkpoint)
             model = models.load_model(
                 ctx.state.checkpoint, ctx.state.compute_dtype, ctx.state.trust_remote_code
             )
         else:
-            model = ctx.model()
+            return evaluate_suite(ctx.model(), tokenizer, suite)  # shared: evaluated as it is
+        fold_fake_quant_weights(model)
         return evaluate_suite(model, tokenizer, suite)
+
+
+def fold_fake_quant_weights(model) -> int:
+    """Bake fake-quantized weights into the weights of a model the gate owns (ModelOpt's
+    ``fold_weight``): the same numbers, without re-quantizing every weight on every forward
+    (about 15 % of a CPU evaluation). Returns the number of folded layers."""
+    folded = sum(
+        1
+        for m in model.modules()
+        if getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)
+    )
+    if folded:
+        import modelopt.torch.quantization as mtq
+
+        mtq.fold_weight(model)
+    return folded
