@@ -57,7 +57,7 @@ def main() -> int:
         task, metric, docs = spec.split(":")
         tasks.append(SuiteTask(task=task, metric=metric, limit=int(docs)))
     suite = Suite(name="sizing", tasks=tasks, batch_size=args.batch_size)
-    device = torch.cuda.get_device_name(0) if gpu else platform.processor() or "cpu"
+    device = torch.cuda.get_device_name(0) if gpu else cpu_model()
     flags = sorted(hardware.cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
     out = (
         args.results
@@ -148,6 +148,15 @@ def main() -> int:
     evaluate("damaged", damaged)
     print(out.with_suffix(".md").read_text())
     return 0
+
+
+def cpu_model() -> str:
+    for line in (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    ):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
 
 
 def markdown(data: dict) -> str:

@@ -420,22 +420,40 @@ def load_model(path: Path, dtype: str, trust_remote_code: bool = False):
     return model
 
 
-def save_in_dtype(model, out: Path, dtype: str) -> None:
-    """``save_pretrained`` in the artifact dtype, whatever the model computes in.
+def cast_to_storage(model, dtype: str, compute_dtype: str) -> bool:
+    """Round a model that computes in ``compute_dtype`` to its artifact ``dtype`` in place,
+    as a load in ``dtype`` would hold it: float32 tensors become ``dtype`` except those of the
+    model's keep-in-float32 modules (MoE router biases and the like). ModelOpt's buffers
+    (amax) are rounded too, as a bf16 run holds them. True if anything changed; the model's
+    non-persistent buffers (rotary frequencies) are then rounded as well, so the caller must
+    not evaluate it any more (drop it and reload the saved state)."""
+    import itertools
 
-    A model computing in float32 for a bf16 recipe is rounded to bf16 (weights and ModelOpt
-    buffers such as amax, as a bf16 run holds them) and saved; it then stays rounded in
-    memory, so the live model and a resumed run's reload of this save are the same model.
-    """
+    import torch
 
-    compute = next(model.parameters()).dtype
+    if compute_dtype == dtype:
+        return False
     target = torch_dtype(dtype)
-    if compute != target:
-        model.to(target)
+    keep = [
+        *(getattr(model, "_keep_in_fp32_modules", None) or []),
+        *(getattr(model, "_keep_in_fp32_modules_strict", None) or []),
+    ]
+    changed = False
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if tensor.dtype != torch.float32 or any(k in name.split(".") for k in keep):
+            continue
+        tensor.data = tensor.data.to(target)
+        changed = True
     model.config.dtype = dtype
+    return changed
+
+
+def save_in_dtype(model, out: Path, dtype: str, compute_dtype: str) -> bool:
+    """``save_pretrained`` in the artifact dtype, whatever the model computes in (see
+    :func:`cast_to_storage`); True if the live model was rounded and must be reloaded."""
+    changed = cast_to_storage(model, dtype, compute_dtype)
     model.save_pretrained(out)
-    if compute != target:
-        model.to(compute)
+    return changed
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):

@@ -399,7 +399,10 @@ class Runner:
         model = ctx.model()
         out = ctx.new_output("model")
         models.enable_modelopt_checkpointing()
-        models.save_in_dtype(model, out, ctx.state.dtype)
+        if models.save_in_dtype(model, out, ctx.state.dtype, ctx.state.compute_dtype):
+            # Rounded to the artifact dtype: later stages reload the saved state, exactly as
+            # a resumed run does.
+            ctx.state.model = None
         ctx.tokenizer().save_pretrained(out)
 
     def _commit(self, i: int, stage: Stage, outputs: dict[str, Path]) -> dict[str, dict[str, str]]:

@@ -15,7 +15,12 @@ are computed (``logits_to_keep``), and log-softmax runs on those alone. Tasks, p
 tokenisation (``HFLM``'s own ``_encode_pair``), metrics and aggregation stay lm-eval's;
 tests/test_prefix_sharing.py checks the scores against ``HFLM`` request by request.
 
-Models whose forward takes no ``position_ids`` fall back to ``HFLM``'s path.
+Packing is exact only for decoders whose every layer is full causal attention that honours a
+custom 4-D mask: sliding-window layers (Gemma 2/3, gpt-oss, Mistral v0.1) would see past their
+window, recurrent or linear-attention layers (Mamba hybrids, Qwen3-Next, LFM2) would carry one
+choice's state into the next, and flash/flex attention ignore such a mask. Everything else
+(those models, a forward without ``position_ids`` or ``logits_to_keep``, rolling perplexity
+windows) takes ``HFLM``'s own path unchanged.
 """
 
 from __future__ import annotations
@@ -43,12 +48,43 @@ class _Group:
         return len(self.prefix) + sum(len(c) - 1 for _, c in self.branches)
 
 
+#: Dense decoder families whose attention takes a custom 4-D mask and position ids as given.
+PACKABLE_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "granite"}
+    | {"olmo", "olmo2", "gemma", "gemma2", "gemma3_text", "deepseek_v3", "smollm3"}
+)
+
+
+def packing_problem(model: Any, max_length: int) -> str | None:
+    """Why the choices of a question cannot share one row on this model, or None."""
+    params = inspect.signature(model.forward).parameters
+    if not {"position_ids", "logits_to_keep"} <= set(params):
+        return "its forward takes no position_ids/logits_to_keep"
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    config = config or model.config
+    if config.model_type not in PACKABLE_MODEL_TYPES:
+        return f"model type {config.model_type!r} is not known to honour a custom 4-D mask"
+    attn = getattr(config, "_attn_implementation", None) or "eager"
+    if attn not in ("sdpa", "eager"):
+        return f"attention implementation {attn!r} ignores a custom 4-D mask"
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
+        return "some layers are not full attention (sliding window or recurrent)"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window <= max_length:
+        return f"its sliding window ({window}) is shorter than max_length ({max_length})"
+    return None
+
+
 class PrefixSharingHFLM(HFLM):
     """``HFLM`` whose loglikelihood requests share their context (see the module doc)."""
 
     def _supports_packing(self) -> bool:
-        params = inspect.signature(self.model.forward).parameters
-        return self.backend == "causal" and "position_ids" in params
+        if self.backend != "causal":
+            return False
+        problem = packing_problem(self.model, self.max_length)
+        if problem:
+            log.info("scoring every choice separately (lm-eval's HFLM path): %s", problem)
+        return problem is None
 
     def _loglikelihood_tokens(
         self,
@@ -56,21 +92,31 @@ class PrefixSharingHFLM(HFLM):
         disable_tqdm: bool = False,
         override_bs: int | None = None,
     ) -> list[tuple[float, bool]]:
-        if not self._supports_packing():
-            log.info("model cannot take position_ids: scoring every choice separately")
+        # Rolling perplexity windows (no request string) share no context worth packing.
+        rolling = any(request_str is None for request_str, _, _ in requests)
+        if rolling or not self._supports_packing():
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         groups: dict[tuple[int, ...], _Group] = {}
+        rows: list[_Group] = []
         for index, (_, context, continuation) in enumerate(requests):
-            if not continuation or len(continuation) > self.max_length:
+            if not context or not continuation or len(continuation) > self.max_length:
                 raise ValueError(
-                    f"continuation of {len(continuation)} tokens cannot be scored with "
-                    f"max_length {self.max_length}"
+                    f"cannot score a request of {len(context)} context and {len(continuation)} "
+                    f"continuation tokens with max_length {self.max_length}"
                 )
             # Left-truncate exactly as HFLM does: keep the last max_length + 1 tokens.
             full = (context + continuation)[-(self.max_length + 1) :]
             prefix = tuple(full[: len(full) - len(continuation)])
-            groups.setdefault(prefix, _Group(prefix)).branches.append((index, continuation))
-        ordered = sorted(groups.values(), key=lambda g: -g.length)  # little padding per batch
+            group = groups.get(prefix)
+            # A row holds at most max_length tokens: many choices (or one-token contexts)
+            # spill into further rows with the same context.
+            if group is None or (
+                group.branches and group.length + len(continuation) - 1 > self.max_length
+            ):
+                group = groups[prefix] = _Group(prefix)
+                rows.append(group)
+            group.branches.append((index, continuation))
+        ordered = sorted(rows, key=lambda g: -g.length)  # little padding per batch
         batch_size = int(override_bs or self.batch_size)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         # Passing disable=False would override TQDM_DISABLE (the CLI's quiet mode).
@@ -92,7 +138,7 @@ class PrefixSharingHFLM(HFLM):
         import torch.nn.functional as F
 
         width = max(g.length for g in batch)
-        dtype = next(self.model.parameters()).dtype
+        dtype = self.model.get_input_embeddings().weight.dtype  # what attention computes in
         blocked = torch.finfo(dtype).min if dtype.is_floating_point else float("-inf")
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         positions = torch.zeros(len(batch), width, dtype=torch.long)
@@ -122,17 +168,13 @@ class PrefixSharingHFLM(HFLM):
         mask.masked_fill_(~allowed.unsqueeze(1), blocked)
         keep = sorted({pos for _, _, where, _ in wanted for pos in where})
         column = {pos: i for i, pos in enumerate(keep)}
-        kwargs: dict[str, Any] = {}
-        if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
-            kwargs["logits_to_keep"] = torch.tensor(keep, device=self.device)
-        else:
-            column = {pos: pos for pos in keep}
         with torch.no_grad():
             logits = self.model(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 position_ids=positions.to(self.device),
-                **kwargs,
+                # A CPU index tensor works whichever GPU the last layer sits on.
+                logits_to_keep=torch.tensor(keep),
             ).logits
         out = []
         for row, index, where, continuation in wanted:

@@ -45,7 +45,14 @@ def test_run_json_contract(finished_run, tiny_llama):
     assert rec["recipe_sha256"] == load_recipe(recipe).sha256()
     assert rec["versions"]["nvidia-modelopt"].startswith("0.47")
     assert rec["versions"]["transformers"] and rec["versions"]["torch"]
-    assert rec["device"]["cuda"] in (True, False)
+    import torch
+
+    from optimizer import hardware
+
+    assert rec["device"]["cuda"] is torch.cuda.is_available()
+    assert rec["device"]["compute_dtype"] == hardware.compute_dtype(
+        "bfloat16", "auto", cuda=torch.cuda.is_available()
+    )
     assert rec["model"]["path"] == str(tiny_llama)
     assert [(s["name"], s["status"]) for s in rec["stages"]] == [
         ("ptq", "success"),

@@ -89,3 +89,50 @@ def test_a_quantized_model_scores_the_same_documents_alike(tiny_llama):
     assert shared["local_arc_easy/acc"]["docs"] == plain["local_arc_easy/acc"]["docs"]
     assert shared["local_arc_easy/acc"]["n"] == 12
     assert issubclass(ps.PrefixSharingHFLM, huggingface.HFLM)
+
+
+def _tiny(config_class, model_class, **extra):
+    config = config_class(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        **extra,
+    )
+    return model_class(config)
+
+
+def test_packing_is_refused_where_it_would_not_be_exact(tiny):
+    """Sliding windows, unknown (possibly recurrent) architectures and attention kernels that
+    ignore a 4-D mask take HFLM's own path; a plain Llama packs."""
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        MistralConfig,
+        MistralForCausalLM,
+    )
+
+    from optimizer.prefix_sharing import packing_problem
+
+    llama, _ = tiny
+    assert packing_problem(llama, 2048) is None
+    mistral = _tiny(MistralConfig, MistralForCausalLM, sliding_window=16)
+    assert "sliding window (16)" in packing_problem(mistral, 2048)
+    assert (
+        packing_problem(_tiny(MistralConfig, MistralForCausalLM, sliding_window=4096), 2048) is None
+    )
+    gemma3 = _tiny(Gemma3TextConfig, Gemma3ForCausalLM, sliding_window=8)
+    assert "not full attention" in packing_problem(gemma3, 2048)
+    llama.config._attn_implementation = "flex_attention"
+    try:
+        assert "ignores a custom 4-D mask" in packing_problem(llama, 2048)
+    finally:
+        llama.config._attn_implementation = "sdpa"
+    llama.config.model_type = "qwen3_next"  # linear-attention layers would leak state
+    try:
+        assert "not known to honour" in packing_problem(llama, 2048)
+    finally:
+        llama.config.model_type = "llama"

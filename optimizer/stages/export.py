@@ -84,14 +84,14 @@ class Export(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         from optimizer import trtllm
-        from optimizer.models import torch_dtype
+        from optimizer.models import cast_to_storage, torch_dtype
 
         model = ctx.model()
         dtype = torch_dtype(ctx.recipe.model.dtype)
         # A model computing in float32 for a bf16 recipe (optimizer.hardware.compute_dtype) is
-        # cast first: export_hf_checkpoint writes unquantized tensors in the model's own dtype,
-        # whatever `dtype` says. Export invalidates the live model anyway.
-        model.to(dtype)
+        # rounded first: export_hf_checkpoint writes unquantized tensors in the model's own
+        # dtype, whatever `dtype` says. Export invalidates the live model anyway.
+        cast_to_storage(model, ctx.recipe.model.dtype, ctx.state.compute_dtype)
         result = StageResult()
         if self.trtllm_checkpoint is not None:
             from modelopt.torch.export import export_tensorrt_llm_checkpoint
