@@ -319,6 +319,7 @@ def test_folding_fake_quant_weights_keeps_the_logits(tiny_llama):
 
     model = load_model(tiny_llama, "float32")
     ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(model.device)
     mtq.quantize(model, mtq.FP8_DEFAULT_CFG, lambda m: m(input_ids=ids))
     with torch.no_grad():
         before = model(input_ids=ids).logits

@@ -75,6 +75,7 @@ def test_a_quantized_model_scores_the_same_documents_alike(tiny_llama):
 
     model, tok = load_model(tiny_llama, "float32"), load_tokenizer(tiny_llama)
     calib = torch.randint(0, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
+    calib = calib.to(model.device)
     mtq.quantize(model, mtq.FP8_DEFAULT_CFG, lambda m: m(input_ids=calib))
     suite = Suite(name="t", limit=12, tasks=[SuiteTask(task="local_arc_easy", metric="acc")])
     shared = evaluate_suite(model, tok, suite, include_path=LOCAL_TASKS)
