@@ -283,9 +283,27 @@ def test_gate_after_export_in_a_recipe(tiny_llama, tiny_suite, tmp_path, monkeyp
         f"calibration: {{dataset: {CALIBRATION}, num_samples: 4, seq_len: 64}}\n"
         f"stages:\n  - ptq: {{format: fp8}}\n  - export: {{hf_checkpoint: true}}\n  - gate: {{suite: {tiny_suite}}}\n"
     )
+    import optimizer.evaluation as evaluation
+
+    evaluated = []  # per evaluation: how many quantizers the evaluated model runs
+    original = evaluation.evaluate_suite
+
+    def spy(model, tokenizer, suite, **kwargs):
+        evaluated.append(
+            sum(
+                getattr(getattr(m, "input_quantizer", None), "is_enabled", False)
+                for m in model.modules()
+            )
+        )
+        return original(model, tokenizer, suite, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_suite", spy)
     assert main(["run", str(recipe), "-o", str(tmp_path / "run"), "-q"]) == 0
     gate = json.loads((tmp_path / "run" / "report" / "gate.json").read_text())
     assert gate["passed"] is True and gate["metrics"][0]["n"] == 10
+    # The baseline is the plain model; the candidate runs FP8 activation quantizers on all
+    # 7 linears x 2 layers (restored from the PTQ stage's save, since export packed the live one).
+    assert evaluated == [0, 14]
 
 
 def test_builtin_lm_eval_tasks_are_indexed_only_when_named(monkeypatch):
