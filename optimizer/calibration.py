@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optimizer.errors import OptimizerError
+from optimizer.inputs import Input, file_input, reference_input
 
 if TYPE_CHECKING:
     from optimizer.recipe import CalibrationSpec
@@ -45,12 +46,12 @@ def check_dataset(spec: CalibrationSpec, base_dir: Path) -> str | None:
     return None  # a hub dataset name; reachability is checked when the run starts
 
 
-def fingerprint(spec: CalibrationSpec, base_dir: Path) -> str:
-    """Identity of the calibration inputs: the file's content for local data, else the name."""
-    from optimizer.models import sha256_file
-
+def as_input(spec: CalibrationSpec, base_dir: Path) -> Input:
+    """The calibration data as a stage input: the local file (hashed), or the hub name."""
     local = resolve_local(spec.dataset, base_dir)
-    return sha256_file(local) if local else f"hub:{spec.dataset}:{spec.subset}:{spec.split}"
+    if local is not None:
+        return file_input("calibration_data", local)
+    return reference_input("calibration_data", f"hub:{spec.dataset}:{spec.subset}:{spec.split}")
 
 
 def load_texts(spec: CalibrationSpec, base_dir: Path) -> list[str]:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from optimizer import __version__
+from optimizer.console import capture_run_log, setup_process
 from optimizer.errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
@@ -29,50 +29,6 @@ log = logging.getLogger("optimizer")
 
 EPILOG = """exit codes: 0 success, 1 a stage failed, 2 bad input (recipe, file, flag),
 3 the accuracy gate failed (artifacts are still written)."""
-
-
-#: Warnings ModelOpt/transformers emit on every run that say nothing actionable to our users
-#: (lm_head is excluded on purpose; TensorRT-LLM is an external tool, not a Python import).
-#: They still go to logs/run.log.
-BENIGN_WARNINGS = (
-    "Enable lm_head quantization",
-    "No module named 'tensorrt_llm'",
-    "differs from target dtype",
-    "To copy construct from a tensor",
-    "`torch_dtype` is deprecated",
-    "Passed an already-initialized model through `pretrained`",
-    "`pretrained` model kwarg is not of type `str`",
-    "Custom kwargs can be passed to `--metadata`",
-)
-
-
-class _ConsoleFilter(logging.Filter):
-    """Our own INFO messages reach the console; other libraries' only from WARNING up."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("optimizer"):
-            return True
-        if record.levelno < logging.WARNING:
-            return False
-        message = record.getMessage()
-        return not any(noise in message for noise in BENIGN_WARNINGS)
-
-
-def setup_logging(quiet: bool) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG)
-    for handler in [h for h in root.handlers if getattr(h, "optimizer_console", False)]:
-        root.removeHandler(handler)  # main() called again in one process (tests, notebooks)
-    console = logging.StreamHandler(sys.stderr)
-    console.optimizer_console = True
-    console.setLevel(logging.WARNING if quiet else logging.INFO)
-    console.addFilter(_ConsoleFilter())
-    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    root.addHandler(console)
-    logging.captureWarnings(True)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if quiet:
-        os.environ["TQDM_DISABLE"] = "1"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,16 +234,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"# run directory: {run_dir}")
         for i, stage in enumerate(recipe.stages, 1):
             print(f"# [{i}/{len(recipe.stages)}] {stage.describe()}")
-            if hasattr(stage, "preview"):
-                tp = next(
-                    (
-                        s.trtllm_checkpoint.tp * s.trtllm_checkpoint.pp
-                        for s in recipe.stages
-                        if s.name == "export" and s.trtllm_checkpoint
-                    ),
-                    1,
-                )
-                print(f"# build command: {stage.preview(Path(run_dir).resolve(), tp)}")
+            command = stage.preview(Path(run_dir).resolve(), recipe.plans[i - 1])
+            if command:
+                print(f"# {stage.name} command: {command}")
         return EXIT_OK
     if args.resume and args.force:
         raise OptimizerError("--resume and --force contradict each other; pick one")
@@ -298,14 +247,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         force=args.force,
         recipe_file=str(args.recipe),
         overrides=args.overrides,
+        capture=capture_run_log,
     )
-    artifacts = outcome.record.get("artifacts", {})
     print(
         json.dumps(
             {
-                "status": outcome.record["status"],
+                "status": outcome.record.status,
                 "run_json": str(outcome.run_dir / "run.json"),
-                "artifacts": artifacts,
+                "artifacts": outcome.record.artifacts,
             }
         )
     )
@@ -390,13 +339,20 @@ def cmd_gate(args: argparse.Namespace) -> int:
         "stages": [{"gate": gate}],
     }
     recipe = parse_recipe(data, SourceMap("optimize gate"), Path.cwd())
-    outcome = run_recipe(recipe, args.output, force=args.force, recipe_file=None, overrides=[])
+    outcome = run_recipe(
+        recipe,
+        args.output,
+        force=args.force,
+        recipe_file=None,
+        overrides=[],
+        capture=capture_run_log,
+    )
     print(
         json.dumps(
             {
-                "status": outcome.record["status"],
+                "status": outcome.record.status,
                 "run_json": str(outcome.run_dir / "run.json"),
-                "artifacts": outcome.record.get("artifacts", {}),
+                "artifacts": outcome.record.artifacts,
             }
         )
     )
@@ -422,7 +378,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(getattr(args, "quiet", False))
+    setup_process(getattr(args, "quiet", False))
     try:
         return COMMANDS[args.verb](args)
     except RecipeError as e:

@@ -4,13 +4,14 @@ the previous stage (loaded lazily from its saved checkpoint after a resume)."""
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from optimizer import calibration, models
+from optimizer.plan import ModelPlan
 from optimizer.recipe import Recipe
+from optimizer.rundir import RunDirectory
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,16 @@ class ModelState:
 @dataclass
 class StageContext:
     recipe: Recipe
-    run_dir: Path
+    directory: RunDirectory
     index: int
     state: ModelState
+    #: The plan before this stage (what validation knew of the model), when validated.
+    plan: ModelPlan | None = None
     temp_outputs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.directory.path
 
     @property
     def log(self) -> logging.Logger:
@@ -94,8 +101,6 @@ class StageContext:
     def new_output(self, key: str) -> Path:
         """A fresh temporary directory for output ``key``; the runner renames it into place
         only after the stage succeeds, so a crash never leaves a half-written artifact."""
-        tmp = self.run_dir / f".tmp-{self.index:02d}-{key}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = self.directory.temp_output(self.index, key)
         self.temp_outputs[key] = tmp
         return tmp

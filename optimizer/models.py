@@ -403,11 +403,7 @@ def enable_modelopt_checkpointing() -> None:
 
 def load_model(path: Path, dtype: str, trust_remote_code: bool = False):
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM
-
-    if os.environ.get("TQDM_DISABLE"):  # quiet mode; transformers' bars ignore tqdm's switch
-        transformers.utils.logging.disable_progress_bar()
 
     enable_modelopt_checkpointing()
     device_map = "auto" if torch.cuda.is_available() else None

@@ -18,8 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
 
 from optimizer.errors import OptimizerError, Problem, RecipeError
+from optimizer.plan import Environment, ModelPlan
+from optimizer.registry import did_you_mean
 from optimizer.stages import STAGES
-from optimizer.stages.base import Environment, Stage
+from optimizer.stages.base import Stage
 
 KeyPath = tuple[str | int, ...]
 
@@ -69,6 +71,9 @@ class Recipe(RecipeHeader):
     stages: list[SerializeAsAny[Stage]]
     #: Directory of the recipe file; relative paths in the recipe resolve against it.
     base_dir: Path = Field(default=Path("."), exclude=True)
+    #: What validation planned: ``plans[i]`` is the model before stage ``i``,
+    #: ``plans[-1]`` after the last one (see optimizer/plan.py).
+    plans: list[ModelPlan] = Field(default_factory=list, exclude=True)
 
     def resolved(self) -> dict[str, Any]:
         """The recipe as plain data, every default filled in (what ``run.json`` records)."""
@@ -230,11 +235,6 @@ def apply_override(data: dict, assignment: str, smap: SourceMap) -> None:
 # --------------------------------------------------------------------------- validation
 
 
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names allowed at ``loc`` (a pydantic error location without its last element)."""
     current: Any = model
@@ -287,8 +287,8 @@ def _problems_from(
             continue
         if err["type"] == "extra_forbidden":
             allowed = _fields_at(model, loc[:-1])
-            msg = f"unknown key '{loc[-1]}'{_did_you_mean(loc[-1], allowed)}"
-            if allowed and not _did_you_mean(loc[-1], allowed):
+            msg = f"unknown key '{loc[-1]}'{did_you_mean(loc[-1], allowed)}"
+            if allowed and not did_you_mean(loc[-1], allowed):
                 msg += f" (allowed: {', '.join(allowed)})"
         elif err["type"] == "missing":
             msg = "required key is missing"
@@ -296,7 +296,7 @@ def _problems_from(
             msg = err["msg"]
             if err["type"] == "literal_error":
                 msg = msg.replace("Input should be", "must be one of:").replace("' or '", "', '")
-                msg += f", not {err['input']!r}" + _did_you_mean(
+                msg += f", not {err['input']!r}" + did_you_mean(
                     err["input"],
                     [
                         s.strip("'")
@@ -351,16 +351,10 @@ def parse_recipe(data: Any, smap: SourceMap, base_dir: Path, device: str = "auto
             )
             continue
         kind, section = next(iter(item.items()))
-        cls = STAGES.get(kind)
-        if cls is None:
-            problems.append(
-                smap.problem(
-                    (*path, kind),
-                    f"unknown stage type '{kind}'{_did_you_mean(kind, list(STAGES))} "
-                    f"(known: {', '.join(sorted(STAGES))})",
-                )
-            )
+        if kind not in STAGES:
+            problems.append(smap.problem((*path, kind), STAGES.unknown(str(kind))))
             continue
+        cls = STAGES.get(kind)
         if section is not None and not isinstance(section, dict):
             problems.append(smap.problem((*path, kind), "a stage's settings must be a mapping"))
             continue
@@ -374,28 +368,34 @@ def parse_recipe(data: Any, smap: SourceMap, base_dir: Path, device: str = "auto
         if not stages:
             problems.append(smap.problem(("stages",), "the recipe has no stages"))
         recipe = Recipe(**dict(header), stages=stages, base_dir=base_dir)
-        env = _environment(recipe, device)
+        env, plan = _environment(recipe, device)
+        plans = [plan]
         for i, stage in enumerate(stages):
-            for rel, msg in stage.check(recipe, stages[:i], env):
+            plan, found = stage.plan(plan, env)
+            plans.append(plan)
+            for rel, msg in found:
                 rel_path = (
                     tuple(int(p) if p.isdigit() else p for p in rel.split(".")) if rel else ()
                 )
                 problems.append(smap.problem(stage_paths[i] + rel_path, msg))
+        recipe = recipe.model_copy(update={"plans": plans})
         problems += _check_files(recipe, smap)
         if not problems:
             return recipe
     raise RecipeError(problems)
 
 
-def _environment(recipe: Recipe, device: str) -> Environment:
+def _environment(recipe: Recipe, device: str) -> tuple[Environment, ModelPlan]:
+    """The machine the recipe is checked for, and the plan of its source model."""
     from optimizer import hardware, models
 
     gpu = {"gpu": True, "cpu": False}.get(device)
     if gpu is None:
         gpu = hardware.gpu_present()
-    return Environment(
-        model_config=models.peek_config(recipe.model.source, recipe.base_dir), gpu=gpu
+    env = Environment(
+        gpu=gpu, base_dir=recipe.base_dir, has_calibration=recipe.calibration is not None
     )
+    return env, ModelPlan.of_source(models.peek_config(recipe.model.source, recipe.base_dir))
 
 
 def _check_files(recipe: Recipe, smap: SourceMap) -> list[Problem]:

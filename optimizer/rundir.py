@@ -4,6 +4,10 @@ Layout (DESIGN.md): ``DIR/run.json`` (status, resolved recipe and its sha256, ve
 per-stage records, artifacts), ``DIR/recipe.yaml``, ``DIR/logs/run.log``; artifacts at
 ``DIR/<key>`` (``trtllm_checkpoint``, ``hf_checkpoint``, ...); intermediate models at
 ``DIR/stages/NN-<stage>/model``.
+
+Rank-aware: in a multi-process job (``torchrun`` sets ``RANK``) only rank 0 locks, writes
+and commits; the other ranks read, and their scratch outputs are per rank and never
+committed, so processes of one stage cannot collide on a file.
 """
 
 from __future__ import annotations
@@ -14,13 +18,20 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from optimizer.errors import OptimizerError
 from optimizer.models import sha256_file
+from optimizer.run_record import READABLE_VERSIONS, RunRecord
 
 RUN_JSON = "run.json"
-SCHEMA_VERSION = 1
+
+
+def process_rank() -> int:
+    """This process's rank in a multi-process job (0 when there is none)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -56,9 +67,15 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 class RunDirectory:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, rank: int | None = None):
         self.path = path.resolve()
+        self.rank = process_rank() if rank is None else rank
         self._lock_fh = None
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run directory (rank 0)."""
+        return self.rank == 0
 
     @property
     def run_json(self) -> Path:
@@ -71,8 +88,18 @@ class RunDirectory:
     def stage_dir(self, index: int, name: str) -> Path:
         return self.path / "stages" / f"{index:02d}-{name}"
 
+    def temp_output(self, index: int, key: str) -> Path:
+        """A fresh scratch directory for a stage output (per rank off rank 0)."""
+        suffix = "" if self.writer else f"-rank{self.rank}"
+        tmp = self.path / f".tmp-{index:02d}-{key}{suffix}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
     def lock(self) -> None:
         """Refuse a second concurrent run on this directory (the OS drops the lock if we die)."""
+        if not self.writer:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         fh = open(self.path / ".lock", "a+")  # noqa: SIM115 (held until unlock())
         try:
@@ -97,21 +124,47 @@ class RunDirectory:
             self._lock_fh.close()
             self._lock_fh = None
 
-    def read(self) -> dict[str, Any] | None:
+    def read(self) -> RunRecord | None:
+        """The recorded run, or None if there is none; OptimizerError if it is unreadable."""
         try:
-            return json.loads(self.run_json.read_text())
+            data = json.loads(self.run_json.read_text())
         except FileNotFoundError:
             return None
         except ValueError as e:
             raise OptimizerError(
                 f"{self.run_json} is not valid JSON ({e}); cannot resume from it"
             ) from None
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if version not in READABLE_VERSIONS:
+            raise OptimizerError(
+                f"{self.run_json} has schema_version {version!r}; this optimizer reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}. Use another directory or --force."
+            )
+        try:
+            return RunRecord.model_validate(data)
+        except ValueError as e:
+            raise OptimizerError(f"{self.run_json} does not describe a run ({e})") from None
 
-    def write(self, record: dict[str, Any]) -> None:
-        write_atomic(self.run_json, json.dumps(record, indent=2, default=str) + "\n")
+    def write(self, record: RunRecord) -> None:
+        if self.writer:
+            write_atomic(self.run_json, record.to_json())
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write ``DIR/name`` atomically (rank 0 only)."""
+        if self.writer:
+            write_atomic(self.path / name, text)
+
+    def commit(self, tmp: Path, final: Path) -> None:
+        """Move a finished scratch output into place (rank 0); other ranks drop theirs."""
+        if self.writer:
+            replace_dir(tmp, final)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def remove_temporaries(self) -> None:
         """Drop what an interrupted run left half-written (never trusted, never reused)."""
+        if not self.writer:
+            return
         for p in self.path.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
         for p in self.path.glob(".stale-*"):
@@ -119,6 +172,8 @@ class RunDirectory:
 
     def clear(self) -> None:
         """Delete a previous run's contents (for --force), keeping the lock file."""
+        if not self.writer:
+            return
         for p in self.path.iterdir():
             if p.name == ".lock":
                 continue

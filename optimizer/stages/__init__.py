@@ -1,6 +1,52 @@
-"""Stage registry. Importing this package registers every built-in stage type."""
+"""The stage types, found by module name: ``optimizer/stages/<name>.py`` defines the stage
+``<name>`` (a :class:`Stage` subclass whose ``name`` is the module's). Names are listed from
+the package directory without importing anything; a stage's module is imported when a recipe
+uses it. Other packages add stages through the ``optimizer.stages`` entry-point group
+(``name = "module:Class"``).
+"""
 
-from optimizer.stages import auto_quantize, build, export, gate, ptq  # noqa: F401  (imported to register)
-from optimizer.stages.base import STAGES, Stage, StageResult, register
+from __future__ import annotations
 
-__all__ = ["STAGES", "Stage", "StageResult", "register"]
+import pkgutil
+from importlib import metadata
+from pathlib import Path
+
+from optimizer.registry import Registry
+from optimizer.stages.base import Stage, StageResult
+
+NOT_STAGES = {"base"}
+
+
+def _discover() -> dict[str, str]:
+    found = {
+        m.name: f"optimizer.stages.{m.name}"
+        for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+        if m.name not in NOT_STAGES and not m.name.startswith("_")
+    }
+    for ep in metadata.entry_points(group="optimizer.stages"):
+        if ep.name in found:
+            raise ValueError(f"stage type {ep.name!r} is registered twice ({ep.value})")
+        found[ep.name] = ep.value
+    return found
+
+
+def _stage_class(name: str, obj: object) -> type[Stage]:
+    """A module entry names the module; its stage is the Stage subclass called ``name``."""
+    if isinstance(obj, type) and issubclass(obj, Stage):
+        return obj
+    classes = [
+        v
+        for v in vars(obj).values()
+        if isinstance(v, type) and issubclass(v, Stage) and getattr(v, "name", None) == name
+    ]
+    if len(classes) != 1:
+        raise RuntimeError(
+            f"{getattr(obj, '__name__', obj)} must define exactly one Stage named {name!r}, "
+            f"found {len(classes)}"
+        )
+    return classes[0]
+
+
+STAGES: Registry[type[Stage]] = Registry("stage type", discover=_discover, loader=_stage_class)
+
+__all__ = ["STAGES", "Stage", "StageResult"]

@@ -1,8 +1,10 @@
-"""What every stage is: a pydantic config (its recipe section) with one ``run(ctx)`` method.
+"""What every stage is: a pydantic config (its recipe section) with ``plan()``, ``inputs()``
+and ``run(ctx)``.
 
-A stage registers itself by name with :func:`register`; the recipe loader and the runner look
-stages up in that registry only, so a new stage type joins by adding one module to this
-package and importing it in ``stages/__init__.py`` — the runner does not change.
+Stages are found by module name: ``optimizer/stages/<name>.py`` defines the stage called
+``<name>`` (see optimizer/stages/__init__.py), so a new stage type is one module here and one
+test file, with no edit elsewhere. Stages never look at each other: validation threads a
+:class:`~optimizer.plan.ModelPlan` through them (``plan(prev, env) -> (plan, problems)``).
 """
 
 from __future__ import annotations
@@ -13,32 +15,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from optimizer.inputs import Input
+from optimizer.plan import Environment, ModelPlan
+
 if TYPE_CHECKING:
     from optimizer.context import StageContext
-    from optimizer.recipe import Recipe
 
-STAGES: dict[str, type[Stage]] = {}
-
-
-def register(cls: type[Stage]) -> type[Stage]:
-    """Class decorator: make ``cls`` usable in recipes as ``- <cls.name>: {...}``."""
-    if cls.name in STAGES:
-        raise RuntimeError(f"stage name {cls.name!r} registered twice")
-    STAGES[cls.name] = cls
-    return cls
-
-
-@dataclass(frozen=True)
-class Environment:
-    """What validation knows about where and on what the recipe will run.
-
-    ``model_config`` is the model's ``config.json`` when it is available without downloading
-    (local dir, builtin, hub cache), else None and checks that need it wait for the run.
-    ``gpu`` is whether a CUDA GPU is (or will be) there; None means "do not check".
-    """
-
-    model_config: dict[str, Any] | None = None
-    gpu: bool | None = None
+#: ``(key path relative to the stage's section, message)``; an empty path is the stage.
+StageProblem = tuple[str, str]
 
 
 @dataclass
@@ -69,19 +53,22 @@ class Stage(BaseModel):
     #: The stage leaves the in-memory model unusable (ModelOpt's exporters pack weights in
     #: place); later stages reload the last saved state instead.
     invalidates_model: ClassVar[bool] = False
-    #: The stage reads the recipe's ``calibration`` section (it is then part of its inputs).
+    #: The stage reads the recipe's ``calibration`` section (its data is then an input).
     needs_calibration: ClassVar[bool] = False
+    #: Later stages read what this stage made (the model, its files). A stage that only
+    #: judges (the gate) sets False: redoing it does not redo the stages after it.
+    feeds_later: ClassVar[bool] = True
     #: Output keys that are user-facing artifacts (listed in ``run.json["artifacts"]``).
     artifact_keys: ClassVar[tuple[str, ...]] = ()
 
-    def check(self, recipe: Recipe, before: list[Stage], env: Environment) -> list[tuple[str, str]]:
-        """Problems visible before any model loads, as ``(key path, message)`` pairs.
+    def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
+        """The model after this stage, and the problems visible before any model loads.
 
-        ``before`` are the stages that run earlier in the recipe. Key paths are relative to
-        this stage's section; an empty path points at the stage itself.
+        ``prev`` is the plan after the stages before this one. Subclasses extend it:
+        ``plan, problems = super().plan(prev, env)``, then check and update ``plan``.
         """
-        problems: list[tuple[str, str]] = []
-        if self.transforms_model and any(s.name == "export" for s in before):
+        problems: list[StageProblem] = []
+        if self.transforms_model and prev.exports is not None:
             problems.append(
                 (
                     "",
@@ -89,7 +76,7 @@ class Stage(BaseModel):
                     "exported artifacts; move it before export",
                 )
             )
-        if self.needs_calibration and recipe.calibration is None:
+        if self.needs_calibration and not env.has_calibration:
             problems.append(
                 (
                     "",
@@ -97,7 +84,14 @@ class Stage(BaseModel):
                     "section (dataset, num_samples, seq_len)",
                 )
             )
-        return problems
+        return prev, problems
+
+    def inputs(self, base_dir: Path) -> list[Input]:
+        """Files, directories, package versions and images this stage reads besides its
+        recipe section and the model; their content is part of its fingerprint, so editing
+        one makes ``--resume`` redo this stage. (Calibration data is added by the runner
+        for stages with ``needs_calibration``.)"""
+        return []
 
     def preflight(self) -> None:
         """Checks of this machine to run before any model loads (raise StageError)."""
@@ -106,14 +100,9 @@ class Stage(BaseModel):
         """``run.json["artifacts"]`` entries for committed ``outputs`` ({key: {path, sha256}})."""
         return {k: v["path"] for k, v in outputs.items() if k in self.artifact_keys}
 
-    def trtllm_quant_algo(self) -> tuple[str | None, str] | None:
-        """For quantizing stages: (the ``quant_algo`` a TensorRT-LLM export will carry, or
-        None if TensorRT-LLM cannot take it; a short description). None if not quantizing."""
+    def preview(self, run_dir: Path, plan: ModelPlan) -> str | None:
+        """The external command this stage would run, for ``--dry-run`` (None if none)."""
         return None
-
-    def trtllm_problems(self, tp: int, model_config: dict[str, Any] | None) -> list[str]:
-        """For quantizing stages: why a TensorRT-LLM checkpoint at this ``tp`` would not build."""
-        return []
 
     def describe(self) -> str:
         """One line for logs and ``--dry-run``."""

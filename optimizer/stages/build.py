@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, model_validator
 
 from optimizer.errors import StageError
-from optimizer.stages.base import Stage, StageResult, register
+from optimizer.inputs import Input, file_input, reference_input
+from optimizer.plan import Environment, ModelPlan
+from optimizer.stages.base import Stage, StageProblem, StageResult
 
 if TYPE_CHECKING:
     from optimizer.context import StageContext
@@ -29,7 +31,6 @@ AWQ_ALGOS = {"W4A16_AWQ", "W4A8_AWQ"}
 VERSION_PROBE = "import tensorrt_llm, sys; sys.stdout.write(tensorrt_llm.__version__)"
 
 
-@register
 class Build(Stage):
     """Build engines with trtllm-build; write PyTorch-backend deploy options."""
 
@@ -79,23 +80,9 @@ class Build(Stage):
 
     # ------------------------------------------------------------------ validation
 
-    def _export_of(self, before):
-        exports = [s for s in before if s.name == "export"]
-        return exports[-1] if exports else None
-
-    def _quant(self, before) -> tuple[str | None, str | None]:
-        """(quant_algo, kv cache algo) the checkpoint will carry, from the quantizing stage."""
-        for s in before:
-            algo = s.trtllm_quant_algo()
-            if algo is not None:
-                kv = getattr(s, "kv_cache", "none")
-                return algo[0], None if kv == "none" else kv.upper()
-        return None, None
-
-    def check(self, recipe, before, env):
-        problems = super().check(recipe, before, env)
-        export = self._export_of(before)
-        if export is None or export.trtllm_checkpoint is None:
+    def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
+        plan, problems = super().plan(prev, env)
+        if prev.exports is None or prev.exports.trtllm_checkpoint is None:
             problems.append(
                 (
                     "",
@@ -103,7 +90,9 @@ class Build(Stage):
                     "trtllm_checkpoint before it",
                 )
             )
-        algo, kv = self._quant(before)
+        quant = prev.quantization
+        algo = quant.trtllm_algo if quant else None
+        kv = quant.trtllm_kv_algo if quant else None
         if self.use_fp8_context_fmha and kv != "FP8":
             problems.append(
                 (
@@ -144,21 +133,26 @@ class Build(Stage):
                 problems.append(
                     ("gpu_compute_capability", f"TensorRT-LLM 1.2 rejects {algo or kv} on SM {sm}")
                 )
-        if self.weight_sparsity and not any(s.name == "sparsify" for s in before):
+        if self.weight_sparsity and prev.sparsity != "2:4":
             problems.append(("weight_sparsity", "no earlier stage makes the model 2:4 sparse"))
-        maxpos = (env.model_config or {}).get("max_position_embeddings")
-        if (
-            maxpos
-            and self.max_seq_len > maxpos
-            and not (env.model_config or {}).get("rope_scaling")
-        ):
+        maxpos = prev.dims.max_position_embeddings if prev.dims else None
+        if maxpos and self.max_seq_len > maxpos and not prev.dims.rope_scaling:
             problems.append(
                 (
                     "max_seq_len",
                     f"{self.max_seq_len} exceeds the model's max_position_embeddings {maxpos}",
                 )
             )
-        return problems
+        return plan.but(engine=True), problems
+
+    def inputs(self, base_dir: Path) -> list[Input]:
+        """The TensorRT-LLM that builds: the image, or the local trtllm-build program."""
+        import shutil
+
+        if self.launcher == "docker":
+            return [reference_input("image", self.image)]
+        tool = shutil.which(self.trtllm_build)
+        return [file_input("trtllm_build", Path(tool))] if tool else []
 
     # ------------------------------------------------------------------ the command
 
@@ -201,8 +195,10 @@ class Build(Stage):
             self.launcher, argv, image=self.image, mounts=[run_dir], prefix=self.command_prefix
         )
 
-    def preview(self, run_dir: Path, world_size: int = 1) -> str:
+    def preview(self, run_dir: Path, plan: ModelPlan) -> str:
         """The exact command a run would execute (for --dry-run)."""
+        ckpt = plan.exports.trtllm_checkpoint if plan.exports else None
+        world_size = ckpt.world_size if ckpt else 1
         argv = self.build_argv(
             run_dir / "trtllm_checkpoint", run_dir / ".tmp-NN-engine", world_size
         )

@@ -1,4 +1,5 @@
-"""``export``: TensorRT-LLM checkpoint and/or unified Hugging Face checkpoint via ModelOpt."""
+"""``export``: TensorRT-LLM checkpoint and/or unified Hugging Face checkpoint via ModelOpt
+(optimizer/exporters.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from optimizer.stages.base import Stage, StageResult, register
+from optimizer.formats import check_block_size, trtllm_layout_problems
+from optimizer.plan import (
+    Environment,
+    Exports,
+    ModelDims,
+    ModelPlan,
+    Quantization,
+    TrtllmCheckpoint,
+)
+from optimizer.stages.base import Stage, StageProblem, StageResult
 
 if TYPE_CHECKING:
     from optimizer.context import StageContext
@@ -19,26 +29,47 @@ class TrtllmCheckpointSpec(BaseModel):
     pp: int = Field(1, ge=1, description="pipeline-parallel size")
 
 
-def _check_parallelism(spec: TrtllmCheckpointSpec, config: dict) -> list[str]:
+def parallelism_problems(tp: int, pp: int, dims: ModelDims) -> list[str]:
     """TP must split attention and KV heads evenly; PP must split the layers evenly."""
     problems = []
-    heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    heads, kv = dims.num_attention_heads, dims.num_key_value_heads
     kv = kv or heads
-    if heads and heads % spec.tp:
-        problems.append(f"tp={spec.tp} does not divide the model's {heads} attention heads")
-    elif kv and kv % spec.tp:
+    if heads and heads % tp:
+        problems.append(f"tp={tp} does not divide the model's {heads} attention heads")
+    elif kv and kv % tp:
         # TensorRT-LLM could replicate KV heads, but ModelOpt splits K/V rows evenly instead.
         problems.append(
-            f"tp={spec.tp} does not divide the model's {kv} KV heads (ModelOpt's export "
+            f"tp={tp} does not divide the model's {kv} KV heads (ModelOpt's export "
             "cannot replicate KV heads across ranks)"
         )
-    layers = config.get("num_hidden_layers")
-    if layers and layers % spec.pp:
-        problems.append(f"pp={spec.pp} does not divide the model's {layers} layers")
+    layers = dims.num_hidden_layers
+    if layers and layers % pp:
+        problems.append(f"pp={pp} does not divide the model's {layers} layers")
     return problems
 
 
-@register
+def trtllm_quantization_problems(quant: Quantization, tp: int, config: dict | None) -> list[str]:
+    """Why a TensorRT-LLM 1.2 checkpoint of a model quantized as ``quant`` would not build."""
+    if quant.trtllm_algo is None:
+        note = f" ({quant.trtllm_note})" if quant.trtllm_note else ""
+        return [
+            f"{quant.by}{note} has no TensorRT-LLM 1.2 quant_algo, so trtllm-build would "
+            "reject the checkpoint; set trtllm_checkpoint: null and hf_checkpoint: true "
+            "(TensorRT-LLM PyTorch backend, vLLM, SGLang)"
+        ]
+    problems = []
+    for layer in quant.formats:
+        if check_block_size(layer.format, layer.group_size, config):
+            continue  # already reported against the format; one message per cause
+        problems += trtllm_layout_problems(layer.format, layer.group_size, tp, config)
+    if quant.exclude and any(layer.format == "fp8_pc_pt" for layer in quant.formats):
+        problems.append(
+            "TensorRT-LLM quantizes whole attention/MLP blocks for fp8_pc_pt, so per-layer "
+            "`exclude` is not honoured and tensors would go missing; drop `exclude`"
+        )
+    return problems
+
+
 class Export(Stage):
     """Write deployable checkpoints of the current model."""
 
@@ -54,77 +85,50 @@ class Export(Stage):
         False, description="unified HF checkpoint for TensorRT-LLM's PyTorch backend, vLLM, SGLang"
     )
 
-    def check(self, recipe, before, env):
-        problems = super().check(recipe, before, env)
+    def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
+        plan, problems = super().plan(prev, env)
         if self.trtllm_checkpoint is None and not self.hf_checkpoint:
             problems.append(("", "exports nothing: enable trtllm_checkpoint or hf_checkpoint"))
         spec = self.trtllm_checkpoint
         if spec is not None:
-            for stage in before:
+            if prev.quantization is not None:
                 problems += [
                     ("trtllm_checkpoint", m)
-                    for m in stage.trtllm_problems(spec.tp, env.model_config)
+                    for m in trtllm_quantization_problems(prev.quantization, spec.tp, prev.config)
                 ]
-                algo = stage.trtllm_quant_algo()
-                if algo is not None and algo[0] is None:
-                    problems.append(
-                        (
-                            "trtllm_checkpoint",
-                            f"{algo[1]} has no TensorRT-LLM 1.2 "
-                            "quant_algo, so trtllm-build would reject the checkpoint; set "
-                            "trtllm_checkpoint: null and hf_checkpoint: true (TensorRT-LLM "
-                            "PyTorch backend, vLLM, SGLang)",
-                        )
-                    )
-            if env.model_config is not None:
+            if prev.dims is not None:
                 problems += [
-                    ("trtllm_checkpoint", m) for m in _check_parallelism(spec, env.model_config)
+                    ("trtllm_checkpoint", m)
+                    for m in parallelism_problems(spec.tp, spec.pp, prev.dims)
                 ]
-        return problems
+        exports = Exports(
+            trtllm_checkpoint=TrtllmCheckpoint(tp=spec.tp, pp=spec.pp) if spec else None,
+            hf_checkpoint=self.hf_checkpoint,
+        )
+        return plan.but(exports=exports), problems
 
     def run(self, ctx: StageContext) -> StageResult:
-        from optimizer import trtllm
-        from optimizer.models import cast_to_storage, torch_dtype
+        from optimizer.exporters import export_trtllm_checkpoint, export_unified_hf_checkpoint
+        from optimizer.models import cast_to_storage
 
         model = ctx.model()
-        dtype = torch_dtype(ctx.recipe.model.dtype)
+        dtype = ctx.recipe.model.dtype
         # A model computing in float32 for a bf16 recipe (optimizer.hardware.compute_dtype) is
         # rounded first: export_hf_checkpoint writes unquantized tensors in the model's own
         # dtype, whatever `dtype` says. Export invalidates the live model anyway.
-        cast_to_storage(model, ctx.recipe.model.dtype, ctx.state.compute_dtype)
+        cast_to_storage(model, dtype, ctx.state.compute_dtype)
         result = StageResult()
         if self.trtllm_checkpoint is not None:
-            from modelopt.torch.export import export_tensorrt_llm_checkpoint
-            from modelopt.torch.export.model_utils import get_model_type
-
             out = ctx.new_output("trtllm_checkpoint")
             spec = self.trtllm_checkpoint
-            export_tensorrt_llm_checkpoint(
-                model,
-                get_model_type(model),
-                dtype,
-                out,
-                inference_tensor_parallel=spec.tp,
-                inference_pipeline_parallel=spec.pp,
-            )
-            # ModelOpt reads rope settings from attributes transformers 5 no longer sets.
-            trtllm.apply_rope_settings(out, model.config)
-            problems = trtllm.check_checkpoint(out)
-            if problems:
-                raise RuntimeError(
-                    "exported TensorRT-LLM checkpoint is invalid:\n  " + "\n  ".join(problems)
-                )
+            summary = export_trtllm_checkpoint(model, out, dtype=dtype, tp=spec.tp, pp=spec.pp)
             ctx.tokenizer().save_pretrained(out)
             result.outputs["trtllm_checkpoint"] = out
-            result.metrics["trtllm_checkpoint"] = trtllm.summarize(out)
+            result.metrics["trtllm_checkpoint"] = summary
         if self.hf_checkpoint:
-            from modelopt.torch.export import export_hf_checkpoint
-
             out = ctx.new_output("hf_checkpoint")
-            export_hf_checkpoint(model, dtype=dtype, export_dir=out)
+            summary = export_unified_hf_checkpoint(model, out, dtype=dtype)
             ctx.tokenizer().save_pretrained(out)
             result.outputs["hf_checkpoint"] = out
-            result.metrics["hf_checkpoint_bytes"] = sum(
-                f.stat().st_size for f in out.rglob("*") if f.is_file()
-            )
+            result.metrics["hf_checkpoint_bytes"] = summary["bytes"]
         return result

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from optimizer.errors import OptimizerError
-from optimizer.stages.base import Stage, StageResult, register
+from optimizer.inputs import Input, checkpoint_input, dir_input, file_input, package_input
+from optimizer.plan import Environment, ModelPlan
+from optimizer.stages.base import Stage, StageProblem, StageResult
 
 if TYPE_CHECKING:
     from optimizer.context import StageContext
@@ -30,11 +32,11 @@ class EndpointSpec(BaseModel):
     model: str = Field(description="model name the server expects")
 
 
-@register
 class Gate(Stage):
     """Accept or reject the optimized model on accuracy."""
 
     name = "gate"
+    feeds_later = False  # a verdict: no later stage reads it
     artifact_keys = ("gate", "report")
 
     suite: str = Field(
@@ -68,15 +70,28 @@ class Gate(Stage):
         p = Path(self.suite).expanduser()
         return p if p.is_absolute() else (base_dir / p if (base_dir / p).exists() else p.resolve())
 
-    def check(self, recipe, before, env):
+    def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
         from optimizer.evaluation import load_suite
 
-        problems = super().check(recipe, before, env)
+        plan, problems = super().plan(prev, env)
         try:
-            load_suite(self.suite_path(recipe.base_dir))
+            load_suite(self.suite_path(env.base_dir))
         except OptimizerError as e:
             problems.append(("suite", str(e)))
-        return problems
+        return plan, problems
+
+    def inputs(self, base_dir: Path) -> list[Input]:
+        from optimizer.evaluation import LOCAL_TASKS
+
+        inputs = [
+            file_input("suite", self.suite_path(base_dir)),
+            dir_input("tasks", LOCAL_TASKS),
+            dir_input("task_data", LOCAL_TASKS.parent / "data"),
+            package_input("lm-eval"),
+        ]
+        if self.candidate is not None:
+            inputs.append(checkpoint_input("candidate", Path(self.candidate).expanduser()))
+        return inputs
 
     def artifacts(self, outputs: dict[str, dict[str, str]]) -> dict[str, str]:
         report = outputs.get("report")

@@ -10,6 +10,7 @@ from optimizer.cli import main
 from optimizer.context import ModelState, StageContext
 from optimizer.formats import FORMATS
 from optimizer.recipe import load_recipe
+from optimizer.rundir import RunDirectory
 from optimizer.trtllm import check_checkpoint
 
 CPU_TRTLLM_FORMATS = [f for f, spec in FORMATS.items() if not spec.needs_gpu and spec.trtllm_algo]
@@ -19,14 +20,14 @@ GPU_FORMATS = [f for f, spec in FORMATS.items() if spec.needs_gpu]
 def ptq_context(write_recipe, tmp_path, *overrides):
     recipe = load_recipe(write_recipe(), list(overrides))
     state = ModelState(Path(recipe.model.source), "bfloat16")
-    return recipe.stages[0], StageContext(recipe, tmp_path, 0, state)
+    return recipe.stages[0], StageContext(recipe, RunDirectory(tmp_path), 0, state)
 
 
 def test_config_adds_kv_cache_and_exclusions_last(write_recipe, tmp_path):
     stage, _ = ptq_context(
         write_recipe, tmp_path, "stages.ptq.kv_cache=fp8", "stages.ptq.exclude=['*layers.0.mlp*']"
     )
-    entries = stage.quant_config()["quant_cfg"]
+    entries = stage.modelopt_config()["quant_cfg"]
     assert entries[-1] == {"quantizer_name": "*layers.0.mlp*", "enable": False}
     assert any("[kv]_bmm_quantizer" in str(e.get("quantizer_name")) for e in entries)
     import modelopt.torch.quantization as mtq
@@ -42,7 +43,7 @@ def test_group_size_and_algorithm_reach_the_modelopt_config(write_recipe, tmp_pa
         "stages.ptq.group_size=64",
         "stages.ptq.algorithm=awq_full",
     )
-    cfg = stage.quant_config()
+    cfg = stage.modelopt_config()
     weight = next(e for e in cfg["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer")
     assert weight["cfg"]["block_sizes"][-1] == 64
     assert cfg["algorithm"] == {"method": "awq_full"}

@@ -1,0 +1,106 @@
+"""What the ``optimize`` process owns: the console, process-wide logging, environment
+defaults, and stdout during a run. Only cli.py calls this module; library code (the runner,
+stages, evaluation) changes none of it, so a notebook or a platform job embedding the
+library keeps its own logging and stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+
+#: Warnings ModelOpt/transformers emit on every run that say nothing actionable to our users
+#: (lm_head is excluded on purpose; TensorRT-LLM is an external tool, not a Python import).
+#: They still go to logs/run.log.
+BENIGN_WARNINGS = (
+    "Enable lm_head quantization",
+    "No module named 'tensorrt_llm'",
+    "differs from target dtype",
+    "To copy construct from a tensor",
+    "`torch_dtype` is deprecated",
+    "Passed an already-initialized model through `pretrained`",
+    "`pretrained` model kwarg is not of type `str`",
+    "Custom kwargs can be passed to `--metadata`",
+)
+
+
+class _ConsoleFilter(logging.Filter):
+    """Our own INFO messages reach the console; other libraries' only from WARNING up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("optimizer"):
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        message = record.getMessage()
+        return not any(noise in message for noise in BENIGN_WARNINGS)
+
+
+def setup_process(quiet: bool) -> None:
+    """Console logging on stderr and environment defaults for this process."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    for handler in [h for h in root.handlers if getattr(h, "optimizer_console", False)]:
+        root.removeHandler(handler)  # main() called again in one process (tests, notebooks)
+    console = logging.StreamHandler(sys.stderr)
+    console.optimizer_console = True
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
+    console.addFilter(_ConsoleFilter())
+    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    root.addHandler(console)
+    logging.captureWarnings(True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Local lm-eval tasks read local files; never wait on the hub for them.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+        # transformers and huggingface_hub draw their own bars; they read this switch when
+        # imported, and are told directly when already imported (main() called in-process).
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+class _FileLogFilter(logging.Filter):
+    """Everything of ours down to DEBUG; other libraries from INFO up (their DEBUG is noise)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("optimizer") or record.levelno >= logging.INFO
+
+
+class _StdoutToLog(io.TextIOBase):
+    """ModelOpt reports with print(); route it to the log so stdout stays machine-readable."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger = logger
+        self.buf = ""
+
+    def write(self, s: str) -> int:
+        self.buf += s
+        while "\n" in self.buf:
+            line, self.buf = self.buf.split("\n", 1)
+            if line.strip():
+                self.logger.info(line.rstrip())
+        return len(s)
+
+
+@contextlib.contextmanager
+def capture_run_log(path: Path):
+    """For ``Runner(capture=...)``: every library's log records and whatever is printed go
+    to ``path`` while the run lasts, so a job's stdout holds only the final JSON line."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.addFilter(_FileLogFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(_StdoutToLog(logging.getLogger("optimizer.stdout"))):
+            yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()

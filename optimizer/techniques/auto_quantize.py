@@ -1,0 +1,109 @@
+"""Per-layer mixed precision under an effective-bits budget (ModelOpt's ``mtq.auto_quantize``).
+
+ModelOpt scores each layer's sensitivity to each candidate format on calibration batches
+(gradient or KL-divergence) and picks, per layer, the format (or none) that minimises the
+loss while the model's effective weight bits stay under the budget.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from optimizer.errors import OptimizerError
+from optimizer.formats import FORMATS, build_config
+
+#: Formats TensorRT-LLM 1.2 can build per layer inside MIXED_PRECISION.
+MIXABLE = ("fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4")
+
+
+class AutoQuantizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    effective_bits: float = Field(4.8, gt=0, le=16, description="average weight bits budget")
+    formats: list[str] = Field(
+        default_factory=lambda: ["fp8", "int4_awq"],
+        min_length=1,
+        description=f"candidate formats per layer, from: {', '.join(MIXABLE)}",
+    )
+    method: Literal["gradient", "kl_div"] = Field("gradient", description="sensitivity score")
+    group_size: int | None = Field(
+        None, gt=0, description="weight block size for int4_awq / w4a8_awq"
+    )
+    num_score_steps: int | None = Field(
+        None, gt=0, description="batches used for scoring (default: all)"
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _known(cls, formats: list[str]) -> list[str]:
+        unknown = [f for f in formats if f not in MIXABLE]
+        if unknown:
+            raise ValueError(
+                f"{', '.join(unknown)} cannot be mixed per layer; choose from {', '.join(MIXABLE)}"
+            )
+        return formats
+
+    def group_for(self, fmt: str) -> int | None:
+        """The group size that applies to ``fmt`` (only formats that let one choose it)."""
+        return self.group_size if FORMATS[fmt].group_size_choosable else None
+
+    @property
+    def lowest_bits(self) -> float:
+        """The fewest effective bits the candidate formats can reach."""
+        return 4.0 if any(f in ("int4_awq", "w4a8_awq", "nvfp4") for f in self.formats) else 8.0
+
+
+def auto_quantize(model, config: AutoQuantizeConfig, batches: list[Any]) -> tuple[Any, dict]:
+    """Search and apply per-layer formats; ``batches`` are ``[batch, seq]`` token tensors.
+
+    Returns the quantized model (ModelOpt may return a new object) and a summary. An
+    infeasible budget is the user's choice: OptimizerError, not a crash.
+    """
+    import modelopt.torch.quantization as mtq
+
+    loader = [{"input_ids": b, "labels": b} for b in batches]
+    device = next(model.parameters()).device
+    candidates = [build_config(f, group_size=config.group_for(f)) for f in config.formats]
+
+    def forward_step(m, batch):
+        return m(**{k: v.to(device) for k, v in batch.items()})
+
+    t0 = time.time()
+    try:
+        model, state = mtq.auto_quantize(
+            model,
+            constraints={"effective_bits": config.effective_bits},
+            quantization_formats=candidates,
+            data_loader=loader,
+            forward_step=forward_step,
+            loss_func=lambda output, batch: output.loss,
+            disabled_layers=["*lm_head*"],  # TensorRT-LLM keeps lm_head in 16 bits
+            num_calib_steps=len(loader),
+            num_score_steps=min(config.num_score_steps or len(loader), len(loader)),
+            method=config.method,
+        )
+    except ValueError as e:
+        if "infeasible" in str(e):
+            raise OptimizerError(
+                f"effective_bits {config.effective_bits}: {e} Raise the budget."
+            ) from None
+        raise
+    best = state.get("best", {})
+    return model, {
+        "effective_bits_budget": config.effective_bits,
+        "effective_bits": best.get("constraints", {}).get("effective_bits"),
+        "formats_chosen": format_counts(best.get("recipe", {})),
+        "search_seconds": round(time.time() - t0, 3),
+    }
+
+
+def format_counts(recipe: dict) -> dict[str, int]:
+    """How many layers got each format (ModelOpt reports a per-layer recipe object)."""
+    counts: dict[str, int] = {}
+    for choice in recipe.values():
+        label = str(choice)
+        counts[label] = counts.get(label, 0) + 1
+    return counts
