@@ -17,12 +17,17 @@ from optimizer.stages.base import Stage, StageResult
 NOT_STAGES = {"base"}
 
 
-def _discover() -> dict[str, str]:
-    found = {
-        m.name: f"optimizer.stages.{m.name}"
-        for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+def stage_modules(package: str, directory: Path) -> dict[str, str]:
+    """``{name: "package.name"}`` for every module of ``directory`` (a package's folder)."""
+    return {
+        m.name: f"{package}.{m.name}"
+        for m in pkgutil.iter_modules([str(directory)])
         if m.name not in NOT_STAGES and not m.name.startswith("_")
     }
+
+
+def _discover() -> dict[str, str]:
+    found = stage_modules(__name__, Path(__file__).parent)
     for ep in metadata.entry_points(group="optimizer.stages"):
         if ep.name in found:
             raise ValueError(f"stage type {ep.name!r} is registered twice ({ep.value})")
@@ -30,7 +35,7 @@ def _discover() -> dict[str, str]:
     return found
 
 
-def _stage_class(name: str, obj: object) -> type[Stage]:
+def stage_class(name: str, obj: object) -> type[Stage]:
     """A module entry names the module; its stage is the Stage subclass called ``name``."""
     if isinstance(obj, type) and issubclass(obj, Stage):
         return obj
@@ -47,6 +52,6 @@ def _stage_class(name: str, obj: object) -> type[Stage]:
     return classes[0]
 
 
-STAGES: Registry[type[Stage]] = Registry("stage type", discover=_discover, loader=_stage_class)
+STAGES: Registry[type[Stage]] = Registry("stage type", discover=_discover, loader=stage_class)
 
-__all__ = ["STAGES", "Stage", "StageResult"]
+__all__ = ["STAGES", "Stage", "StageResult", "stage_class", "stage_modules"]

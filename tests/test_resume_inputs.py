@@ -1,0 +1,82 @@
+"""--resume redoes exactly the stages whose declared inputs changed (and the stages that build
+on them), and nothing else: a gate suite's threshold, the calibration data file."""
+
+import json
+import shutil
+
+import pytest
+from tiny import CALIBRATION
+
+from optimizer.cli import main
+
+
+def read_run(run_dir):
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def statuses(run_dir):
+    return {s["name"]: s["status"] for s in read_run(run_dir)["stages"]}
+
+
+@pytest.fixture
+def gated_run(tmp_path, tiny_llama, monkeypatch):
+    """A finished ptq -> export -> gate run on the tiny Llama, with its own suite and data."""
+    monkeypatch.setenv("OPTIMIZER_CACHE_DIR", str(tmp_path / "cache"))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: tiny\nlimit: 10\ntasks:\n  - {task: local_arc_easy, metric: acc}\n"
+        "thresholds:\n  default: {max_drop: 0.5}\n"
+    )
+    data = tmp_path / "calib.jsonl"
+    shutil.copy(CALIBRATION, data)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"name: tiny\nmodel: {{source: {tiny_llama}}}\n"
+        f"calibration: {{dataset: {data.name}, num_samples: 4, seq_len: 32, batch_size: 4}}\n"
+        "stages:\n  - ptq: {format: fp8}\n  - export: {}\n  - gate: {suite: suite.yaml}\n"
+    )
+    run_dir = tmp_path / "run"
+    assert main(["run", str(recipe), "-o", str(run_dir), "-q"]) == 0
+    return recipe, run_dir, suite, data
+
+
+def resume(recipe, run_dir):
+    return main(["run", str(recipe), "-o", str(run_dir), "-q", "--resume"])
+
+
+def test_unchanged_inputs_redo_nothing(gated_run):
+    recipe, run_dir, _, _ = gated_run
+    before = read_run(run_dir)["stages"]
+    assert resume(recipe, run_dir) == 0
+    after = read_run(run_dir)["stages"]
+    assert [s["status"] for s in after] == ["skipped"] * 3
+    assert [s["fingerprint"] for s in after] == [s["fingerprint"] for s in before]
+    assert set(after[2]["inputs"]) == {"suite", "tasks", "task_data", "lm-eval"}
+    assert set(after[0]["inputs"]) == {"calibration_data"}
+
+
+def test_editing_a_suite_threshold_redoes_only_the_gate(gated_run):
+    recipe, run_dir, suite, _ = gated_run
+    before = read_run(run_dir)["stages"]
+    suite.write_text(suite.read_text().replace("max_drop: 0.5", "max_drop: 0.4"))
+    assert resume(recipe, run_dir) == 0
+    after = read_run(run_dir)["stages"]
+    assert statuses(run_dir) == {"ptq": "skipped", "export": "skipped", "gate": "success"}
+    assert after[2]["inputs"]["suite"] != before[2]["inputs"]["suite"]
+    assert after[2]["inputs"]["tasks"] == before[2]["inputs"]["tasks"]
+    gate = json.loads((run_dir / "report" / "gate.json").read_text())
+    assert gate["metrics"][0]["threshold"] == {"max_drop": 0.4}  # the new verdict, not the old
+
+
+def test_editing_the_calibration_data_redoes_the_quantization_and_what_follows(gated_run):
+    recipe, run_dir, _, data = gated_run
+    before = read_run(run_dir)["stages"]
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(reversed(lines)) + "\n")  # same records, other order: new windows
+    assert resume(recipe, run_dir) == 0
+    after = read_run(run_dir)["stages"]
+    assert [s["status"] for s in after] == ["success"] * 3
+    assert after[0]["inputs"]["calibration_data"] != before[0]["inputs"]["calibration_data"]
+    # export and gate read the re-quantized model: their fingerprints follow ptq's
+    assert all(a["fingerprint"] != b["fingerprint"] for a, b in zip(after, before, strict=True))
+    assert after[2]["inputs"] == before[2]["inputs"]
