@@ -134,7 +134,7 @@ def main() -> int:
     if args.calibration_samples:
         spec = spec.model_copy(update={"num_samples": args.calibration_samples})
     tokens = calibration.tokenize(spec, calibration.load_texts(spec, recipe.base_dir), tok)
-    cfg = recipe.stages[0].quant_config()
+    cfg = recipe.stages[0].modelopt_config()
     t0 = time.time()
     mtq.quantize(model, cfg, calibration.forward_loop(tokens, spec.batch_size))
     calib_s = round(time.time() - t0, 1)
