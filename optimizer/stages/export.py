@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field
 
 from optimizer.stages.base import Stage, StageResult, register
+from optimizer.trtllm import facts
 
 if TYPE_CHECKING:
     from optimizer.context import StageContext
@@ -70,7 +71,7 @@ class Export(Stage):
                     problems.append(
                         (
                             "trtllm_checkpoint",
-                            f"{algo[1]} has no TensorRT-LLM 1.2 "
+                            f"{algo[1]} has no {facts.TRTLLM} "
                             "quant_algo, so trtllm-build would reject the checkpoint; set "
                             "trtllm_checkpoint: null and hf_checkpoint: true (TensorRT-LLM "
                             "PyTorch backend, vLLM, SGLang)",
@@ -112,7 +113,8 @@ class Export(Stage):
             problems = trtllm.check_checkpoint(out)
             if problems:
                 raise RuntimeError(
-                    "exported TensorRT-LLM checkpoint is invalid:\n  " + "\n  ".join(problems)
+                    "exported TensorRT-LLM checkpoint is invalid:\n  "
+                    + "\n  ".join(p.message for p in problems)
                 )
             ctx.tokenizer().save_pretrained(out)
             result.outputs["trtllm_checkpoint"] = out

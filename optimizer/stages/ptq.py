@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from optimizer.errors import OptimizerError
 from optimizer.formats import (
     ALGORITHMS,
+    FORMAT_NAMES,
     FORMATS,
     KV_CACHE_FORMATS,
     add_kv_and_exclusions,
@@ -27,7 +28,7 @@ from optimizer.stages.base import Stage, StageResult, register
 if TYPE_CHECKING:
     from optimizer.context import StageContext
 
-FormatName = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
+FormatName = Literal[FORMAT_NAMES]  # type: ignore[valid-type]
 KVCacheName = Literal[("none", *KV_CACHE_FORMATS)]  # type: ignore[valid-type]
 AlgorithmName = Literal[ALGORITHMS]  # type: ignore[valid-type]
 QUANTIZING_STAGES = ("ptq", "auto_quantize")
@@ -122,7 +123,7 @@ class PTQ(Stage):
         if self.needs_gpu and env.gpu is False:
             what = (
                 self.format
-                if FORMATS.get(self.format or "", None) and FORMATS[self.format].needs_gpu
+                if self.format in FORMATS and FORMATS[self.format].needs_gpu
                 else f"kv_cache {self.kv_cache}"
             )
             problems.append(
