@@ -11,6 +11,9 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from optimizer.registry import Registry
+from optimizer.trtllm import facts
+
 
 @dataclass(frozen=True)
 class Format:
@@ -32,88 +35,89 @@ class Format:
     trtllm_note: str = ""
 
 
-FORMATS: dict[str, Format] = {
-    f.name: f
-    for f in (
-        Format(
-            "fp8",
-            "FP8_DEFAULT_CFG",
-            "FP8 E4M3 weights and activations, per-tensor scales",
-            "FP8",
-            ("max", "mse"),
-        ),
-        Format(
-            "fp8_pc_pt",
-            "FP8_PER_CHANNEL_PER_TOKEN_CFG",
-            "FP8 weights per output channel, activations per token (dynamic)",
-            "FP8_PER_CHANNEL_PER_TOKEN",
-            ("max",),
-        ),
-        Format(
-            "int8_sq",
-            "INT8_SMOOTHQUANT_CFG",
-            "INT8 SmoothQuant: W8A8, per-channel weights",
-            "W8A8_SQ_PER_CHANNEL",
-            ("smoothquant",),
-        ),
-        Format(
-            "int8_wo",
-            "INT8_WEIGHT_ONLY_CFG",
-            "INT8 weight-only (W8A16), per-channel",
-            None,
-            ("max", "mse"),
-            trtllm_note="ModelOpt 0.47 writes W8A16 weights as [out, in] with weights_scaling_factor, "
-            "while TensorRT-LLM 1.2 loads [in, out] with per_channel_scale",
-        ),
-        Format(
-            "int4_awq",
-            "INT4_AWQ_CFG",
-            "INT4 weight-only AWQ (W4A16), blockwise",
-            "W4A16_AWQ",
-            ("awq_lite", "awq_full", "awq_clip"),
-            block_size=128,
-            group_size_choosable=True,
-        ),
-        Format(
-            "w4a8_awq",
-            "W4A8_AWQ_BETA_CFG",
-            "INT4 AWQ weights with FP8 activations",
-            "W4A8_AWQ",
-            ("awq_lite", "awq_full", "awq_clip"),
-            block_size=128,
-            group_size_choosable=True,
-        ),
-        Format(
-            "nvfp4",
-            "NVFP4_DEFAULT_CFG",
-            "NVFP4 weights and activations (block 16, FP8 scales)",
-            "NVFP4",
-            ("max", "mse"),
-            needs_gpu=True,
-            block_size=16,
-        ),
-        Format(
-            "nvfp4_awq",
-            "NVFP4_AWQ_LITE_CFG",
-            "NVFP4 with AWQ pre-quant scaling",
-            None,
-            ("awq_lite", "awq_full", "awq_clip"),
-            needs_gpu=True,
-            block_size=16,
-            trtllm_note="ModelOpt exports it as quant_algo NVFP4_AWQ, unknown to TensorRT-LLM 1.2",
-        ),
-        Format(
-            "w4a16_nvfp4",
-            "W4A16_NVFP4_CFG",
-            "NVFP4 weight-only, 16-bit activations",
-            None,
-            ("max",),
-            needs_gpu=True,
-            block_size=16,
-            trtllm_note="ModelOpt exports it as quant_algo W4A16_NVFP4, unknown to TensorRT-LLM 1.2",
-        ),
-    )
-}
+_FORMATS = (
+    Format(
+        "fp8",
+        "FP8_DEFAULT_CFG",
+        "FP8 E4M3 weights and activations, per-tensor scales",
+        "FP8",
+        ("max", "mse"),
+    ),
+    Format(
+        "fp8_pc_pt",
+        "FP8_PER_CHANNEL_PER_TOKEN_CFG",
+        "FP8 weights per output channel, activations per token (dynamic)",
+        "FP8_PER_CHANNEL_PER_TOKEN",
+        ("max",),
+    ),
+    Format(
+        "int8_sq",
+        "INT8_SMOOTHQUANT_CFG",
+        "INT8 SmoothQuant: W8A8, per-channel weights",
+        "W8A8_SQ_PER_CHANNEL",
+        ("smoothquant",),
+    ),
+    Format(
+        "int8_wo",
+        "INT8_WEIGHT_ONLY_CFG",
+        "INT8 weight-only (W8A16), per-channel",
+        None,
+        ("max", "mse"),
+        trtllm_note="ModelOpt 0.47 writes W8A16 weights as [out, in] with weights_scaling_factor, "
+        "while TensorRT-LLM 1.2 loads [in, out] with per_channel_scale",
+    ),
+    Format(
+        "int4_awq",
+        "INT4_AWQ_CFG",
+        "INT4 weight-only AWQ (W4A16), blockwise",
+        "W4A16_AWQ",
+        ("awq_lite", "awq_full", "awq_clip"),
+        block_size=128,
+        group_size_choosable=True,
+    ),
+    Format(
+        "w4a8_awq",
+        "W4A8_AWQ_BETA_CFG",
+        "INT4 AWQ weights with FP8 activations",
+        "W4A8_AWQ",
+        ("awq_lite", "awq_full", "awq_clip"),
+        block_size=128,
+        group_size_choosable=True,
+    ),
+    Format(
+        "nvfp4",
+        "NVFP4_DEFAULT_CFG",
+        "NVFP4 weights and activations (block 16, FP8 scales)",
+        "NVFP4",
+        ("max", "mse"),
+        needs_gpu=True,
+        block_size=16,
+    ),
+    Format(
+        "nvfp4_awq",
+        "NVFP4_AWQ_LITE_CFG",
+        "NVFP4 with AWQ pre-quant scaling",
+        None,
+        ("awq_lite", "awq_full", "awq_clip"),
+        needs_gpu=True,
+        block_size=16,
+        trtllm_note="ModelOpt exports it as quant_algo NVFP4_AWQ, unknown to TensorRT-LLM 1.2",
+    ),
+    Format(
+        "w4a16_nvfp4",
+        "W4A16_NVFP4_CFG",
+        "NVFP4 weight-only, 16-bit activations",
+        None,
+        ("max",),
+        needs_gpu=True,
+        block_size=16,
+        trtllm_note="ModelOpt exports it as quant_algo W4A16_NVFP4, unknown to TensorRT-LLM 1.2",
+    ),
+)
+#: Format names in the order declared above (the recipe schema lists its choices so; the
+#: registry's own ``names()`` are sorted).
+FORMAT_NAMES = tuple(f.name for f in _FORMATS)
+FORMATS: Registry[Format] = Registry("format", {f.name: f for f in _FORMATS})
 
 
 @dataclass(frozen=True)
@@ -223,26 +227,16 @@ def check_block_size(
 def trtllm_layout_problems(
     fmt: str, group_size: int | None, tp: int, model_config: dict[str, Any] | None
 ) -> list[str]:
-    """AWQ layouts TensorRT-LLM 1.2 cannot load: it pads int4 GEMM dimensions to multiples of
-    max(64, g) x tp (W4A8: max(128, g) x tp) and then fails on the checkpoint's shapes; W4A8
-    with group 64 is not implemented there at all."""
+    """AWQ layouts TensorRT-LLM 1.2 cannot load (the rule is
+    :func:`optimizer.trtllm.facts.awq_layout_problems`): int4 GEMM dimensions are padded to
+    multiples of max(64, g) x tp (W4A8: max(128, g) x tp); W4A8 with group 64 is not
+    implemented."""
     spec = FORMATS[fmt]
-    if spec.trtllm_algo not in ("W4A16_AWQ", "W4A8_AWQ"):
+    if spec.trtllm_algo is None:
         return []
-    g = group_size or spec.block_size or 128
-    if spec.trtllm_algo == "W4A8_AWQ" and g == 64:
-        return ["TensorRT-LLM 1.2 does not implement W4A8 AWQ with group_size 64"]
-    if model_config is None:
-        return []
-    multiple = max(128 if spec.trtllm_algo == "W4A8_AWQ" else 64, g) * tp
-    dims = dict(linear_input_dims(model_config))
-    inter = model_config.get("intermediate_size")
-    if isinstance(inter, int):
-        dims["intermediate_size (gate/up output)"] = inter
-    bad = ", ".join(f"{n} = {d}" for n, d in dims.items() if d % multiple)
-    if not bad:
-        return []
-    return [
-        f"TensorRT-LLM 1.2 needs {fmt} GEMM dimensions to be multiples of {multiple} "
-        f"(max({128 if spec.trtllm_algo == 'W4A8_AWQ' else 64}, group_size) x tp), but the model has {bad}"
-    ]
+    group = group_size or spec.block_size
+    dims: dict[str, int | None] = {}
+    if model_config is not None:
+        dims.update(linear_input_dims(model_config))
+        dims["intermediate_size (gate/up output)"] = model_config.get("intermediate_size")
+    return [f"{fmt}: {m}" for m in facts.awq_layout_problems(spec.trtllm_algo, group, tp, dims)]

@@ -1,5 +1,8 @@
 """Running TensorRT-LLM's command-line tools as external programs: locally, in the NGC
-container through docker, or behind a site command prefix (srun, a k8s job wrapper, ...)."""
+container through docker, or behind a site command prefix (srun, a k8s job wrapper, ...).
+
+Each launcher is a small :class:`Launcher` class registered in :data:`LAUNCHERS` (adding one
+is a class and a registry entry); :func:`wrap` and :func:`preflight` dispatch by name."""
 
 from __future__ import annotations
 
@@ -12,15 +15,49 @@ from collections import deque
 from pathlib import Path
 
 from optimizer.errors import StageError
+from optimizer.registry import Registry
+from optimizer.trtllm.facts import ENGINE_VERSION_MAX
 
 
-def wrap(
-    launcher: str, argv: list[str], *, image: str, mounts: list[Path], prefix: list[str]
-) -> list[str]:
-    """The full command line for ``argv`` (a tool and its arguments) under a launcher."""
-    if launcher == "local":
-        return argv
-    if launcher == "docker":
+class Launcher:
+    """How one launcher runs an external tool: ``wrap`` builds the command line, ``preflight``
+    fails at once (before hours of PTQ) when the launcher cannot run at all."""
+
+    name: str = ""
+
+    def wrap(
+        self, argv: list[str], *, image: str, mounts: list[Path], prefix: list[str]
+    ) -> list[str]:
+        raise NotImplementedError
+
+    def preflight(self, tool: str, prefix: list[str]) -> None:
+        raise NotImplementedError
+
+
+class LocalLauncher(Launcher):
+    """The tool on this machine's PATH."""
+
+    name = "local"
+
+    def wrap(self, argv, *, image, mounts, prefix):
+        return list(argv)
+
+    def preflight(self, tool, prefix):
+        if shutil.which(tool) is None:
+            version = ".".join(map(str, ENGINE_VERSION_MAX))
+            raise StageError(
+                f"{tool} is not on PATH. Install TensorRT-LLM (<= {version} for engines), or use "
+                "launcher: docker (NGC image) or launcher: command with your site's prefix"
+            )
+
+
+class DockerLauncher(Launcher):
+    """The tool inside a container image (the NGC TensorRT-LLM image), with the run directory
+    mounted at the same path so every path in argv stays valid."""
+
+    name = "docker"
+
+    def wrap(self, argv, *, image, mounts, prefix):
         cmd = [
             "docker",
             "run",
@@ -36,18 +73,8 @@ def wrap(
         for m in mounts:  # same path inside and out, so every path in argv stays valid
             cmd += ["-v", f"{m}:{m}"]
         return [*cmd, "-w", str(mounts[0]), image, *argv]
-    return [*prefix, *argv]
 
-
-def preflight(launcher: str, tool: str, prefix: list[str]) -> None:
-    """Fail at once, with a clear message, when the launcher cannot run at all."""
-    if launcher == "local":
-        if shutil.which(tool) is None:
-            raise StageError(
-                f"{tool} is not on PATH. Install TensorRT-LLM (<= 1.2 for engines), or use "
-                "launcher: docker (NGC image) or launcher: command with your site's prefix"
-            )
-    elif launcher == "docker":
+    def preflight(self, tool, prefix):
         if shutil.which("docker") is None:
             raise StageError(
                 "docker is not installed (no `docker` on PATH); install Docker with the NVIDIA "
@@ -68,8 +95,43 @@ def preflight(launcher: str, tool: str, prefix: list[str]) -> None:
                 "the Docker daemon is not reachable (`docker info` failed: "
                 f"{detail[-1] if detail else 'no output'})"
             )
-    elif not prefix or shutil.which(prefix[0]) is None:
-        raise StageError(f"command prefix {prefix[:1]} is not runnable here")
+
+
+class CommandLauncher(Launcher):
+    """The tool behind a site command prefix (srun, a k8s job wrapper, ...)."""
+
+    name = "command"
+
+    def wrap(self, argv, *, image, mounts, prefix):
+        return [*prefix, *argv]
+
+    def preflight(self, tool, prefix):
+        if not prefix or shutil.which(prefix[0]) is None:
+            raise StageError(f"command prefix {prefix[:1]} is not runnable here")
+
+
+#: Launcher name -> a Launcher instance (classes imported and instantiated on first use).
+LAUNCHERS: Registry[Launcher] = Registry(
+    "launcher",
+    {
+        "local": "optimizer.launchers:LocalLauncher",
+        "docker": "optimizer.launchers:DockerLauncher",
+        "command": "optimizer.launchers:CommandLauncher",
+    },
+    loader=lambda name, cls: cls(),  # type: ignore[operator]
+)
+
+
+def wrap(
+    launcher: str, argv: list[str], *, image: str, mounts: list[Path], prefix: list[str]
+) -> list[str]:
+    """The full command line for ``argv`` (a tool and its arguments) under a launcher."""
+    return LAUNCHERS[launcher].wrap(argv, image=image, mounts=mounts, prefix=prefix)
+
+
+def preflight(launcher: str, tool: str, prefix: list[str]) -> None:
+    """Fail at once, with a clear message, when the launcher cannot run at all."""
+    LAUNCHERS[launcher].preflight(tool, prefix)
 
 
 def run_logged(cmd: list[str], log_file: Path, timeout_s: float, what: str, tail: int = 25) -> None:

@@ -19,15 +19,18 @@ from pydantic import Field, model_validator
 
 from optimizer.errors import StageError
 from optimizer.inputs import Input, file_input, reference_input
+from optimizer.launchers import LAUNCHERS
 from optimizer.plan import Environment, ModelPlan
 from optimizer.stages.base import Stage, StageProblem, StageResult
+from optimizer.trtllm import facts
 
 if TYPE_CHECKING:
     from optimizer.context import StageContext
 
-DEFAULT_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:1.2.0"
-FP8_ALGOS = {"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W4A8_AWQ", "MIXED_PRECISION"}
-AWQ_ALGOS = {"W4A16_AWQ", "W4A8_AWQ"}
+# TensorRT-LLM facts live in optimizer/trtllm/facts.py; these names are kept for readers.
+DEFAULT_IMAGE = facts.DEFAULT_IMAGE
+FP8_ALGOS = facts.FP8_ALGOS
+AWQ_ALGOS = facts.AWQ_ALGOS
 VERSION_PROBE = "import tensorrt_llm, sys; sys.stdout.write(tensorrt_llm.__version__)"
 
 
@@ -37,7 +40,7 @@ class Build(Stage):
     name = "build"
     artifact_keys = ("engine", "deploy")
 
-    launcher: Literal["local", "docker", "command"] = "local"
+    launcher: Literal[tuple(LAUNCHERS)] = "local"  # type: ignore[valid-type]
     image: str = Field(DEFAULT_IMAGE, description="NGC TensorRT-LLM image for launcher: docker")
     command_prefix: list[str] = Field(
         default_factory=list, description="for launcher: command, e.g. [srun, --gpus=1]"
@@ -93,46 +96,13 @@ class Build(Stage):
         quant = prev.quantization
         algo = quant.trtllm_algo if quant else None
         kv = quant.trtllm_kv_algo if quant else None
-        if self.use_fp8_context_fmha and kv != "FP8":
-            problems.append(
-                (
-                    "use_fp8_context_fmha",
-                    "FP8 context FMHA needs an FP8 KV cache (ptq kv_cache: fp8)",
-                )
-            )
-        if algo in AWQ_ALGOS and kv == "FP8" and self.use_paged_context_fmha:
-            problems.append(
-                (
-                    "",
-                    f"{algo} with an FP8 KV cache: TensorRT-LLM 1.2 turns paged context FMHA off for "
-                    "it (losing KV reuse and chunked context); drop the FP8 KV cache or set "
-                    "use_paged_context_fmha: false to accept that",
-                )
-            )
-        if kv == "INT8" and self.use_paged_context_fmha:
-            problems.append(
-                ("use_paged_context_fmha", "an INT8 KV cache does not work with paged context FMHA")
-            )
-        sm = self.gpu_compute_capability
-        if sm is not None:
-            if (algo in FP8_ALGOS or kv == "FP8") and sm < 8.9:
-                problems.append(
-                    ("gpu_compute_capability", f"FP8 needs SM 8.9+ (Ada/Hopper); target is {sm}")
-                )
-            if algo == "NVFP4" and sm < 10.0:
-                problems.append(
-                    (
-                        "gpu_compute_capability",
-                        f"NVFP4 engines need SM 10.0+ (Blackwell); target is {sm}",
-                    )
-                )
-            if sm >= 10.0 and (
-                algo in AWQ_ALGOS | {"W8A16", "W8A8_SQ_PER_CHANNEL", "FP8_PER_CHANNEL_PER_TOKEN"}
-                or kv == "INT8"
-            ):
-                problems.append(
-                    ("gpu_compute_capability", f"TensorRT-LLM 1.2 rejects {algo or kv} on SM {sm}")
-                )
+        problems += facts.engine_build_problems(
+            algo,
+            kv,
+            self.gpu_compute_capability,
+            use_paged_context_fmha=self.use_paged_context_fmha,
+            use_fp8_context_fmha=self.use_fp8_context_fmha,
+        )
         if self.weight_sparsity and prev.sparsity != "2:4":
             problems.append(("weight_sparsity", "no earlier stage makes the model 2:4 sparse"))
         maxpos = prev.dims.max_position_embeddings if prev.dims else None
@@ -247,25 +217,17 @@ class Build(Stage):
         )
 
     def _version(self, run_dir: Path) -> str | None:
-        """TensorRT-LLM's version where the build runs; engines need <= 1.2 (removed after)."""
+        """TensorRT-LLM's version where the build runs; engines need 1.0 to 1.2 (removed after),
+        per :func:`optimizer.trtllm.facts.engine_version_problem`."""
         cmd = self.command([self.python, "-c", VERSION_PROBE], run_dir)
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired):
             return None
         version = out.stdout.strip() if out.returncode == 0 else None
-        if version:
-            major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
-            if major_minor > (1, 2):
-                raise StageError(
-                    f"TensorRT-LLM {version} has no trtllm-build engine path (removed after 1.2); "
-                    "serve the unified HF checkpoint with the PyTorch backend (deploy/), or use a "
-                    f"1.2 image such as {DEFAULT_IMAGE}"
-                )
-            if major_minor < (1, 0):
-                raise StageError(
-                    f"TensorRT-LLM {version} predates the checkpoints ModelOpt 0.47 writes; use 1.x"
-                )
+        problem = facts.engine_version_problem(version) if version else None
+        if problem:
+            raise StageError(problem)
         return version
 
     @staticmethod

@@ -17,6 +17,7 @@ from optimizer.plan import (
     TrtllmCheckpoint,
 )
 from optimizer.stages.base import Stage, StageProblem, StageResult
+from optimizer.trtllm import facts
 
 if TYPE_CHECKING:
     from optimizer.context import StageContext
@@ -49,11 +50,12 @@ def parallelism_problems(tp: int, pp: int, dims: ModelDims) -> list[str]:
 
 
 def trtllm_quantization_problems(quant: Quantization, tp: int, config: dict | None) -> list[str]:
-    """Why a TensorRT-LLM 1.2 checkpoint of a model quantized as ``quant`` would not build."""
+    """Why a TensorRT-LLM (engine path) checkpoint of a model quantized as ``quant`` would
+    not build."""
     if quant.trtllm_algo is None:
         note = f" ({quant.trtllm_note})" if quant.trtllm_note else ""
         return [
-            f"{quant.by}{note} has no TensorRT-LLM 1.2 quant_algo, so trtllm-build would "
+            f"{quant.by}{note} has no {facts.TRTLLM} quant_algo, so trtllm-build would "
             "reject the checkpoint; set trtllm_checkpoint: null and hf_checkpoint: true "
             "(TensorRT-LLM PyTorch backend, vLLM, SGLang)"
         ]

@@ -42,7 +42,7 @@ class PTQ(Stage, QuantizeConfig):
         if self.needs_gpu and env.gpu is False:
             what = (
                 self.format
-                if self.format is not None and FORMATS[self.format].needs_gpu
+                if self.format in FORMATS and FORMATS[self.format].needs_gpu
                 else f"kv_cache {self.kv_cache}"
             )
             problems.append(

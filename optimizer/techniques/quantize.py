@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from optimizer.errors import OptimizerError
 from optimizer.formats import (
     ALGORITHMS,
+    FORMAT_NAMES,
     FORMATS,
     KV_CACHE_FORMATS,
     add_kv_and_exclusions,
@@ -27,7 +28,7 @@ from optimizer.formats import (
     check_block_size,
 )
 
-FormatName = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
+FormatName = Literal[FORMAT_NAMES]  # type: ignore[valid-type]
 KVCacheName = Literal[("none", *KV_CACHE_FORMATS)]  # type: ignore[valid-type]
 AlgorithmName = Literal[ALGORITHMS]  # type: ignore[valid-type]
 
@@ -95,7 +96,7 @@ class QuantizeConfig(BaseModel):
 
     @property
     def needs_gpu(self) -> bool:
-        fmt = FORMATS.get(self.format) if self.format else None
+        fmt = FORMATS[self.format] if self.format else None
         return bool(
             (fmt and fmt.needs_gpu)
             or (self.kv_cache != "none" and KV_CACHE_FORMATS[self.kv_cache].needs_gpu)

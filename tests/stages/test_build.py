@@ -196,6 +196,11 @@ def test_dry_run_prints_the_exact_docker_command(capsys, tmp_path):
         ("{format: int4_awq, kv_cache: fp8}", "{}", "W4A16_AWQ with an FP8 KV cache"),
         ("{format: fp8}", "gpu_compute_capability: 8.0", "FP8 needs SM 8.9+"),
         (
+            "{format: int4_awq}",
+            "gpu_compute_capability: 10.0",
+            "TensorRT-LLM 1.2 rejects W4A16_AWQ on SM 10.0",
+        ),
+        (
             "{format: int8_sq}",
             "weight_sparsity: true",
             "no earlier stage makes the model 2:4 sparse",
@@ -229,3 +234,25 @@ def test_real_trtllm_build(tiny_llama, tmp_path):  # pragma: no cover - needs Te
     out = tmp_path / "run"
     assert run(recipe(tmp_path, tiny_llama, build, tp=1), out) == 0
     assert (out / "engine" / "rank0.engine").stat().st_size > 0
+
+
+def test_launchers_are_registry_entries(tmp_path):
+    from optimizer.launchers import LAUNCHERS, CommandLauncher, wrap
+    from optimizer.registry import UnknownName
+    from optimizer.stages.build import DEFAULT_IMAGE, Build
+    from optimizer.trtllm import facts
+
+    assert LAUNCHERS.names() == ["command", "docker", "local"]
+    assert isinstance(LAUNCHERS["command"], CommandLauncher)
+    argv = ["trtllm-build", "--checkpoint_dir", str(tmp_path)]
+    kw = {"image": "img:1", "mounts": [tmp_path], "prefix": ["srun", "--gpus=1"]}
+    assert wrap("local", argv, **kw) == argv
+    assert wrap("command", argv, **kw) == ["srun", "--gpus=1", *argv]
+    docker = wrap("docker", argv, **kw)
+    assert docker[:2] == ["docker", "run"] and docker[-4:] == ["img:1", *argv]
+    assert f"{tmp_path}:{tmp_path}" in docker
+    with pytest.raises(UnknownName, match="unknown launcher 'dokcer'; did you mean 'docker'"):
+        wrap("dokcer", argv, **kw)
+    # The recipe schema's choices are the registry's names; the default image is the table's.
+    assert set(Build.model_fields["launcher"].annotation.__args__) == set(LAUNCHERS)
+    assert DEFAULT_IMAGE == facts.DEFAULT_IMAGE == Build.model_fields["image"].default

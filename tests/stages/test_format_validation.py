@@ -3,7 +3,10 @@
 import pytest
 
 from optimizer.errors import RecipeError
+from optimizer.formats import FORMAT_NAMES, FORMATS, KV_CACHE_FORMATS
 from optimizer.recipe import load_recipe
+from optimizer.registry import Registry, UnknownName
+from optimizer.trtllm import facts
 
 BUILTIN = """\
 name: v
@@ -97,3 +100,18 @@ def test_auto_quantize_budget(write_recipe, bits, ok):
     else:
         with pytest.raises(RecipeError, match="below 4.0"):
             load_recipe(path, device="cpu")
+
+
+def test_formats_are_a_registry_consistent_with_the_trtllm_table():
+    assert isinstance(FORMATS, Registry) and "fp8" in FORMATS and "fp9" not in FORMATS
+    assert sorted(FORMAT_NAMES) == FORMATS.names() == list(FORMATS)
+    assert FORMATS.get("int4_awq").trtllm_algo == "W4A16_AWQ"
+    with pytest.raises(UnknownName, match="unknown format 'fp9'; did you mean 'fp8'"):
+        FORMATS["fp9"]
+    for name, spec in FORMATS.items():
+        assert spec.name == name
+        # A format either names a quant_algo TensorRT-LLM has, or says why it has none.
+        assert spec.trtllm_algo in facts.QUANT_ALGOS or (
+            spec.trtllm_algo is None and spec.trtllm_note
+        )
+    assert {kv.trtllm_algo for kv in KV_CACHE_FORMATS.values()} <= facts.KV_CACHE_QUANT_ALGOS

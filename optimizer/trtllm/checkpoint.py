@@ -1,10 +1,12 @@
-"""TensorRT-LLM checkpoint facts: the schema ``trtllm-build`` (1.2.x) accepts, fix-ups, checks.
+"""TensorRT-LLM checkpoint checks and fix-ups: the validator behind ``optimize check`` and the
+export/build stages, the rope fix-up, a safetensors header reader.
 
 A TensorRT-LLM checkpoint is ``config.json`` + ``rank{r}.safetensors`` for each of
 ``world_size = tp * pp`` ranks (rank = pp_rank * tp + tp_rank; with PP each rank file
 numbers its layers from 0). Its ``quantization`` block is parsed strictly by TensorRT-LLM
 (unknown keys are errors), ``quant_algo`` / ``kv_cache_quant_algo`` must be members of its
 QuantAlgo enum, and loading raises on a missing required tensor (extra ones only warn).
+What is accepted comes from :mod:`optimizer.trtllm.facts`; nothing is restated here.
 
 :func:`check_checkpoint` verifies all of that for Llama-family decoders without torch: the
 safetensors headers say every tensor's dtype and shape.
@@ -20,117 +22,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REQUIRED_CONFIG_KEYS = (
-    "architecture",
-    "dtype",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
+from optimizer.trtllm.facts import (
+    DTYPES,
+    FLOAT_DTYPES,
+    KV_CACHE_QUANT_ALGOS,
+    LINEAR_CONTRACTS,
+    LINEARS,
+    NORMS,
+    NVFP4_BLOCK,
+    QUANT_ALGOS,
+    QUANTIZATION_KEYS,
+    REQUIRED_CONFIG_KEYS,
+    TRTLLM,
+    awq_group_problem,
+    awq_layout_problems,
 )
-DTYPES = ("float16", "bfloat16", "float32")
-QUANTIZATION_KEYS = {
-    "quant_algo",
-    "kv_cache_quant_algo",
-    "group_size",
-    "has_zero_point",
-    "pre_quant_scale",
-    "exclude_modules",
-    "smoothquant_val",
-    "clamp_val",
-    "use_meta_recipe",
-    "mamba_ssm_cache_dtype",
-}
-QUANT_ALGOS = {
-    "W8A16",
-    "W4A16",
-    "W4A16_AWQ",
-    "W4A8_AWQ",
-    "W8A16_GPTQ",
-    "W4A16_GPTQ",
-    "W8A8_SQ_PER_CHANNEL",
-    "W8A8_SQ_PER_TENSOR_PLUGIN",
-    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
-    "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
-    "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN",
-    "W4A8_QSERVE_PER_GROUP",
-    "W4A8_QSERVE_PER_CHANNEL",
-    "FP8",
-    "FP8_PER_CHANNEL_PER_TOKEN",
-    "FP8_BLOCK_SCALES",
-    "MIXED_PRECISION",
-    "NVFP4",
-    "W4A8_NVFP4_FP8",
-    "W4A8_MXFP4_FP8",
-    "W4A8_MXFP4_MXFP8",
-    "W4A16_MXFP4",
-    "NO_QUANT",
-}
-KV_CACHE_QUANT_ALGOS = {"FP8", "INT8", "NVFP4"}
-FLOAT_DTYPES = {"BF16", "F16", "F32"}
-
-
-@dataclass(frozen=True)
-class LinearContract:
-    """What a quantized linear layer carries for one quant_algo (as ModelOpt 0.47 writes it)."""
-
-    weight_dtype: set[str]
-    #: Extra tensors by suffix; the value says their shape: "scalar", "out", "in", or
-    #: "block" (``[out, in / group]``).
-    tensors: dict[str, str]
-    #: Weight layout: "out_in" ([out, in]), "in_out" ([in, out]), "int4" ([out/2, in]),
-    #: "fp4" ([out, in/2]).
-    packing: str = "out_in"
-    block_scale_dtype: str | None = None
-
-
-LINEAR_CONTRACTS: dict[str | None, LinearContract] = {
-    None: LinearContract(FLOAT_DTYPES, {}),
-    "FP8": LinearContract(
-        {"F8_E4M3"}, {"weights_scaling_factor": "scalar", "activation_scaling_factor": "scalar"}
-    ),
-    "FP8_PER_CHANNEL_PER_TOKEN": LinearContract({"F8_E4M3"}, {"per_channel_scale": "out"}),
-    # Float weights (quantized when TensorRT-LLM loads them) or its own int8 layout [in, out]
-    # with per_channel_scale; ModelOpt 0.47's int8 [out, in] + weights_scaling_factor is neither.
-    "W8A16": LinearContract({"I8"}, {"per_channel_scale": "out"}, packing="in_out"),
-    "W8A8_SQ_PER_CHANNEL": LinearContract(
-        {"I8"},
-        {
-            "weights_scaling_factor": "out",
-            "activation_scaling_factor": "scalar",
-            "prequant_scaling_factor": "in",
-        },
-    ),
-    "W4A16_AWQ": LinearContract(
-        {"I8"}, {"weights_scaling_factor": "block", "prequant_scaling_factor": "in"}, packing="int4"
-    ),
-    "W4A8_AWQ": LinearContract(
-        {"I8"},
-        {
-            "weights_scaling_factor": "block",
-            "prequant_scaling_factor": "in",
-            "activation_scaling_factor": "scalar",
-            "weights_scaling_factor_2": "scalar",
-        },
-        packing="int4",
-    ),
-    "NVFP4": LinearContract(
-        {"U8"},
-        {
-            "weights_scaling_factor": "block",
-            "weights_scaling_factor_2": "scalar",
-            "activation_scaling_factor": "scalar",
-        },
-        packing="fp4",
-        block_scale_dtype="F8_E4M3",
-    ),
-}
-LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
-NORMS = ("input_layernorm", "post_layernorm")
 
 HINTS = {
-    "unknown_key": "TensorRT-LLM 1.2 parses `quantization` strictly; the checkpoint was written by a "
+    "unknown_key": f"{TRTLLM} parses `quantization` strictly; the checkpoint was written by a "
     "different ModelOpt/TensorRT-LLM version. Re-export with nvidia-modelopt 0.47 or remove the key.",
-    "algo": "Use a format TensorRT-LLM 1.2 builds (fp8, int8_sq, int4_awq, w4a8_awq, nvfp4, ...) or deploy the "
+    "algo": f"Use a format {TRTLLM} builds (fp8, int8_sq, int4_awq, w4a8_awq, nvfp4, ...) or deploy the "
     "unified HF checkpoint with the PyTorch backend instead.",
     "rank": "Each of world_size = tp * pp ranks needs its own file; the export was interrupted or files were "
     "lost. Re-run the export stage (optimize run ... --resume redoes it).",
@@ -347,34 +258,16 @@ def _check_tensors(config, quant, per_layer_algo, headers, tp, pp) -> list[Check
     excluded = quant.get("exclude_modules") or []
     group = quant.get("group_size")
     algos = set((per_layer_algo or {}).values()) | {quant.get("quant_algo")}
-    for awq, floor in (("W4A16_AWQ", 64), ("W4A8_AWQ", 128)):
-        if awq in algos:
-            if awq == "W4A8_AWQ" and group == 64:
-                problems.append(
-                    CheckProblem(
-                        "W4A8_AWQ with group_size 64 is not implemented in TensorRT-LLM 1.2",
-                        HINTS["algo"],
-                    )
-                )
-            multiple = max(floor, group or 128) * tp
-            dims = {
-                "hidden_size": config["hidden_size"],
-                "intermediate_size": config.get("intermediate_size"),
-                "attention width": config["num_attention_heads"]
-                * (
-                    config.get("head_size")
-                    or config["hidden_size"] // config["num_attention_heads"]
-                ),
-            }
-            for dim_name, dim in dims.items():
-                if isinstance(dim, int) and dim % multiple:
-                    problems.append(
-                        CheckProblem(
-                            f"{awq}: {dim_name} {dim} is not a multiple of {multiple} (max({floor}, group_size) x tp); "
-                            "TensorRT-LLM pads it and then fails on the checkpoint's shapes",
-                            HINTS["shape"],
-                        )
-                    )
+    head = config.get("head_size") or config["hidden_size"] // config["num_attention_heads"]
+    gemm_dims = {
+        "hidden_size": config["hidden_size"],
+        "intermediate_size": config.get("intermediate_size"),
+        "num_attention_heads x head_size": config["num_attention_heads"] * head,
+    }
+    for algo in sorted(a for a in algos if isinstance(a, str)):
+        for message in awq_layout_problems(algo, group, tp, gemm_dims):
+            group_problem = message == awq_group_problem(algo, group)
+            problems.append(CheckProblem(message, HINTS["algo" if group_problem else "shape"]))
     layers_seen = 0
     for r, tensors in sorted(headers.items()):
         pp_rank, tp_rank = divmod(r, tp)
@@ -489,7 +382,7 @@ def _check_linear(where, name, tensors, contract, algo, out_in, group) -> list[C
                 HINTS["shape"],
             )
         )
-    block = 16 if contract.packing == "fp4" else group
+    block = NVFP4_BLOCK if contract.packing == "fp4" else group
     for suffix, kind in contract.tensors.items():
         t = tensors.get(f"{name}.{suffix}")
         if t is None:
