@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 
 ## quickstart: FP8 PTQ of the builtin SmolLM2-135M -> TensorRT-LLM + HF checkpoints (CPU, minutes)
 quickstart: $(VENV)/.installed
-	$(BIN)/optimize run recipes/quickstart.yaml --resume
+	$(BIN)/optimize run quickstart --resume
 
 ## test: lint, then the whole test suite (unit tests on tiny Llamas + end-to-end on SmolLM2)
 test: $(VENV)/.installed lint

@@ -1,9 +1,9 @@
 """Accuracy and checkpoint size of every PTQ format on the builtin SmolLM2-135M-Instruct.
 
-Each format runs through the real pipeline (`optimize run recipes/quickstart.yaml` with the
-format swapped in), then the quantized hand-over checkpoint is reloaded with its ModelOpt
-state and evaluated with lm-eval on the offline tasks in evals/tasks, next to the bf16
-baseline. Results: bench/results/ptq_formats-<device>.{json,md}.
+Each format runs through the real pipeline (`optimize run quickstart` with the format
+swapped in), then the quantized hand-over checkpoint is reloaded with its ModelOpt state and
+evaluated with lm-eval on the shipped offline tasks (optimizer/resources/evals), next to the
+bf16 baseline. Results: bench/results/ptq_formats-<device>.{json,md}.
 
   python bench/ptq_formats.py                         # CPU formats, --limit 200 per task
   python bench/ptq_formats.py --limit 0 --all-formats # on a GPU: every format, all docs
@@ -82,7 +82,7 @@ def main() -> int:
         "limit_per_task": limit,
         "tasks": METRIC,
         "command": " ".join(["python", *sys.argv]),
-        "calibration": "128 x 512 tokens of calibration_data/python-docs.jsonl",
+        "calibration": "128 x 512 tokens of the shipped python-docs calibration set",
     }
     rows: list[dict] = []
 
@@ -113,7 +113,7 @@ def main() -> int:
             "trtllm_checkpoint_bytes": None,
         }
     )
-    quickstart = REPO / "recipes" / "quickstart.yaml"
+    quickstart = "quickstart"  # the shipped recipe, by name
     for fmt in formats:
         recipe = load_recipe(quickstart, overrides_for(fmt), device="gpu" if gpu else "cpu")
         t0 = time.time()

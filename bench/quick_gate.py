@@ -2,7 +2,7 @@
 from a damaged one, and what each costs to evaluate.
 
 Evaluates the builtin SmolLM2-135M-Instruct (baseline), its FP8 PTQ exactly as
-recipes/quickstart.yaml calibrates it, and a damaged copy (every other layer's MLP output
+the shipped quickstart recipe calibrates it, and a damaged copy (every other layer's MLP output
 zeroed, as tests/test_e2e.py does) on the given tasks, with per-document scores. For every
 candidate, task and document count it reports the paired drop, its standard error, the flip
 rate and the gate's verdict at the quick suite's threshold, plus seconds per document.
@@ -49,7 +49,7 @@ def main() -> int:
     from optimizer.recipe import load_recipe
 
     gpu = torch.cuda.is_available()
-    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [])
+    recipe = load_recipe("quickstart", [])  # the shipped recipe, by name
     storage = recipe.model.dtype
     compute = hardware.compute_dtype(storage, args.compute_dtype, cuda=gpu)
     tasks = []

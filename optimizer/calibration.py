@@ -1,7 +1,8 @@
 """Calibration data: texts -> ``num_samples x seq_len`` token windows -> ModelOpt forward loop.
 
 Local files (``.jsonl``, ``.json`` list of records or strings, ``.txt`` with documents
-separated by blank lines) resolve relative to the recipe; any other name is a Hugging Face hub
+separated by blank lines) resolve relative to the recipe, then the cwd; else a shipped set by
+name (``python-docs``: optimizer/resources/calibration); any other name is a Hugging Face hub
 dataset (``subset`` and ``split`` select it). Documents are shuffled with ``seed``, tokenised
 (optionally through the chat template as a user turn), joined with EOS and cut into full
 windows: no padding, so every calibration token is real text.
@@ -16,8 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from optimizer import resources
 from optimizer.errors import OptimizerError
 from optimizer.inputs import Input, file_input, reference_input
+from optimizer.registry import did_you_mean
 
 if TYPE_CHECKING:
     from optimizer.recipe import CalibrationSpec
@@ -28,11 +31,12 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".txt")
 
 
 def resolve_local(dataset: str, base_dir: Path) -> Path | None:
-    """The local file a dataset name refers to (recipe-relative first, then cwd), or None."""
+    """The local file a dataset name refers to (recipe-relative first, then cwd, then a
+    shipped calibration set by name: ``python-docs``), or None (a hub dataset name)."""
     for candidate in (base_dir / dataset, Path(dataset).expanduser()):
         if candidate.is_file():
             return candidate.resolve()
-    return None
+    return resources.find("calibration set", dataset)
 
 
 def check_dataset(spec: CalibrationSpec, base_dir: Path) -> str | None:
@@ -41,7 +45,7 @@ def check_dataset(spec: CalibrationSpec, base_dir: Path) -> str | None:
     if spec.dataset.endswith(LOCAL_SUFFIXES) or spec.dataset.startswith((".", "/", "~")):
         return (
             f"calibration file not found: {spec.dataset} (looked in {base_dir} and the "
-            "current directory)"
+            f"current directory; shipped sets by name: {', '.join(resources.names('calibration set'))})"
         )
     return None  # a hub dataset name; reachability is checked when the run starts
 
@@ -104,10 +108,11 @@ def _read_hub(spec: CalibrationSpec) -> list[str]:
 
     reason = hub_unreachable_reason()
     if reason:
+        shipped = resources.names("calibration set")
         raise OptimizerError(
             f"calibration dataset '{spec.dataset}' is not a local file and the hub cannot be "
-            f"reached: {reason}. Point calibration.dataset at a local .jsonl/.txt file "
-            "(see calibration_data/)."
+            f"reached: {reason}. Point calibration.dataset at a local .jsonl/.txt file or a "
+            f"shipped set by name{did_you_mean(spec.dataset, shipped)} (shipped: {', '.join(shipped)})."
         )
     import datasets
 

@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
+    run.add_argument(
+        "recipe",
+        metavar="RECIPE",
+        help="recipe YAML file, or a shipped recipe by name (quickstart)",
+    )
     run.add_argument(
         "-o",
         "--output",
@@ -89,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    validate.add_argument("recipes", metavar="RECIPE", nargs="+", help="recipe YAML files")
+    validate.add_argument(
+        "recipes", metavar="RECIPE", nargs="+", help="recipe YAML files or shipped recipe names"
+    )
     validate.add_argument(
         "--device",
         choices=("auto", "cpu", "gpu"),
@@ -135,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--endpoint", metavar="URL", help="completions URL of a served candidate")
     gate.add_argument("--endpoint-model", metavar="NAME", help="model name the endpoint expects")
     gate.add_argument(
-        "--suite", required=True, metavar="FILE", help="suite YAML (evals/suites/*.yaml)"
+        "--suite",
+        required=True,
+        metavar="SUITE",
+        help="suite YAML file, or a shipped suite by name (quick, general)",
     )
     gate.add_argument(
         "-o",
@@ -313,7 +322,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
                 f"--max-drop {item!r}: expected METRIC=NUMBER, e.g. default=0.01"
             ) from None
     gate: dict = {
-        "suite": str(Path(args.suite).resolve()),
+        # an existing file as an absolute path; anything else as given (a shipped suite's name)
+        "suite": str(Path(args.suite).resolve()) if Path(args.suite).exists() else args.suite,
         "max_drop": max_drop,
         "on_inconclusive": args.on_inconclusive,
     }

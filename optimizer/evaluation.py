@@ -1,7 +1,8 @@
 """lm-eval in-process: evaluate a (fake-quantized) model object on lm-eval tasks.
 
-Local tasks live in ``evals/tasks`` (offline copies of real benchmarks, see evals/README.md);
-any built-in lm-eval task name works too where the hub is reachable. Settings that change
+Local tasks ship as package data in ``optimizer/resources/evals/tasks`` (offline copies of
+real benchmarks, see optimizer/resources/evals/README.md); any built-in lm-eval task name
+works too where the hub is reachable. Settings that change
 scores (max_length, float32 softmax, batch size) are pinned so that a baseline and a
 candidate are evaluated identically. lm-eval's response cache is never used: it is keyed by
 request, not by model, so a candidate could be served the baseline's answers.
@@ -14,8 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-#: The repository's offline task definitions (present in a source checkout).
-LOCAL_TASKS = Path(__file__).resolve().parents[1] / "evals" / "tasks"
+#: The shipped offline task definitions (package data: a wheel installs them too).
+from optimizer.resources import TASKS as LOCAL_TASKS
+
 #: How loglikelihoods are computed (part of the baseline cache key): shared contexts, see
 #: optimizer/prefix_sharing.py.
 SCORING = "prefix-sharing-v1"

@@ -416,10 +416,23 @@ def _check_files(recipe: Recipe, smap: SourceMap) -> list[Problem]:
 def load_recipe(
     path: str | Path, overrides: list[str] | None = None, device: str = "auto"
 ) -> Recipe:
-    """Read, override and validate a recipe file. Raises OptimizerError / RecipeError."""
+    """Read, override and validate a recipe file, or a shipped recipe by name when no such
+    file exists (``quickstart``: optimizer/resources/recipes/quickstart.yaml). Raises
+    OptimizerError / RecipeError."""
+    from optimizer import resources
+
     p = Path(path)
     if not p.is_file():
-        raise OptimizerError(f"recipe file not found: {p}")
+        if resources.is_name(str(path)):
+            p = resources.recipe(str(path))  # an unknown name: the shipped ones, did-you-mean
+        else:
+            stem = p.name.removesuffix(".yaml").removesuffix(".yml")
+            hint = (
+                f"; the shipped recipe '{stem}' is addressed by its name: optimize run {stem}"
+                if resources.find("recipe", stem)
+                else ""
+            )
+            raise OptimizerError(f"recipe file not found: {p}{hint}")
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -18,10 +18,10 @@ def test_quickstart_recipe_on_the_builtin_model(builtin_cache, tmp_path):
             "-m",
             "optimizer",
             "run",
-            str(REPO / "recipes" / "quickstart.yaml"),
+            "quickstart",
             "-o",
             str(run_dir),
-        ],  # exactly the README's quickstart
+        ],  # exactly the README's quickstart (the shipped recipe by name)
         capture_output=True,
         text=True,
         timeout=1200,
@@ -84,7 +84,7 @@ def test_gate_fails_a_damaged_model_with_exit_3(builtin_cache, tmp_path):
             "--candidate",
             str(damaged),
             "--suite",
-            str(REPO / "evals" / "suites" / "quick.yaml"),
+            "quick",  # the shipped suite by name
             "-o",
             str(out),
             "-q",

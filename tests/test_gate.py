@@ -5,7 +5,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-from tiny import REPO, make_tiny_llama
+from tiny import make_tiny_llama
 
 from optimizer.cli import main
 from optimizer.evaluation import Suite, Threshold
@@ -265,9 +265,10 @@ def test_gate_refuses_an_endpoint_without_prompt_logprobs(
 
 
 def test_shipped_suites_load():
+    from optimizer import resources
     from optimizer.evaluation import load_suite
 
-    for path in sorted((REPO / "evals" / "suites").glob("*.yaml")):
+    for path in sorted(resources.SUITES.glob("*.yaml")):
         suite = load_suite(path)
         assert suite.tasks and all(t.task.startswith("local_") for t in suite.tasks)
 

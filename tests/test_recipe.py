@@ -221,9 +221,9 @@ def test_model_source_forms(write_recipe, source, ok):
 def test_shipped_recipes_validate():
     """Every recipe validates here (no downloads); GPU recipes validate for a GPU machine and
     are refused for this CPU-only one with a clear message."""
-    from tiny import REPO
+    from optimizer import resources
 
-    for path in sorted((REPO / "recipes").glob("*.yaml")):
+    for path in sorted(resources.RECIPES.glob("*.yaml")):
         try:
             assert load_recipe(path, device="cpu").stages, path
         except RecipeError as e:
@@ -247,9 +247,7 @@ def test_llama3_config_is_checked_once_it_is_in_the_hub_cache(tmp_path, monkeypa
     """With the hub cache holding config.json, TP and group sizes are checked against it."""
     import json
 
-    from tiny import REPO
-
-    recipe = REPO / "recipes" / "llama3-int4-awq.yaml"
+    recipe = "llama3-int4-awq"  # the shipped recipe, by name
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CALIBRATION = REPO / "calibration_data" / "python-docs.jsonl"
+#: The shipped calibration set (package data; recipes name it `python-docs`).
+CALIBRATION = REPO / "optimizer" / "resources" / "calibration" / "python-docs.jsonl"
 
 
 def make_tokenizer(vocab_size: int = 512):

@@ -67,8 +67,18 @@ class Gate(Stage):
         return self
 
     def suite_path(self, base_dir: Path) -> Path:
+        """The suite file: a path (absolute, or relative to the recipe, then the cwd) or, when
+        no such file exists, a shipped suite by name (``quick``: optimizer/resources/suites)."""
+        from optimizer import resources
+
         p = Path(self.suite).expanduser()
-        return p if p.is_absolute() else (base_dir / p if (base_dir / p).exists() else p.resolve())
+        if p.is_absolute():
+            return p
+        if (base_dir / p).exists():
+            return base_dir / p
+        if p.exists() or not resources.is_name(self.suite):
+            return p.resolve()
+        return resources.suite(self.suite)  # an unknown name: OptimizerError, did-you-mean
 
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
         from optimizer.evaluation import load_suite

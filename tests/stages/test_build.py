@@ -169,7 +169,7 @@ def test_dry_run_prints_the_exact_docker_command(capsys, tmp_path):
         main(
             [
                 "run",
-                str(REPO / "recipes" / "llama3-fp8.yaml"),
+                "llama3-fp8",
                 "--dry-run",
                 "-o",
                 str(tmp_path / "r"),

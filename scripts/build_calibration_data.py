@@ -4,7 +4,8 @@
 Source: Debian's ``python3.11-doc`` package, which ships the reStructuredText
 sources of the CPython 3.11 documentation (as ``*.rst.txt`` files under
 ``usr/share/doc/python3.11/html/_sources/``).  The documentation is
-distributed under the PSF License Version 2 (see README.md next to this file).
+distributed under the PSF License Version 2 (see optimizer/resources/calibration/README.md,
+which ships next to the data).
 
 What the script does:
 
@@ -20,7 +21,7 @@ What the script does:
 4. Keeps prose paragraphs of at least ``MIN_PARAGRAPH_CHARS`` characters and a
    minority of medium-sized code samples, then groups consecutive kept
    paragraphs of one document into records of roughly 1,500-4,000 characters.
-5. Writes ``python-docs.jsonl`` (one ``{"text": ..., "source": ...}`` object per
+5. Writes ``optimizer/resources/calibration/python-docs.jsonl`` (one ``{"text": ..., "source": ...}`` object per
    line, UTF-8, ``ensure_ascii=False``).
 
 The output is deterministic: sorted file walk, fixed selection rules, no
@@ -29,8 +30,8 @@ and ``dpkg-deb`` commands).
 
 Usage::
 
-    python calibration_data/build_python_docs.py
-    python calibration_data/build_python_docs.py --deb /path/to/python3.11-doc_*.deb
+    python scripts/build_calibration_data.py
+    python scripts/build_calibration_data.py --deb /path/to/python3.11-doc_*.deb
 """
 
 from __future__ import annotations
@@ -611,10 +612,11 @@ def build(root: str) -> list[dict]:
 
 
 def main() -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shipped = os.path.join(repo, "optimizer", "resources", "calibration", "python-docs.jsonl")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--deb", help="use this python3.11-doc .deb instead of downloading it")
-    ap.add_argument("--output", default=os.path.join(here, "python-docs.jsonl"))
+    ap.add_argument("--output", default=shipped)
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="python-docs-") as tmp:

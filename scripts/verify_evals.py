@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Offline self-check for the local_* lm-eval tasks in evals/tasks.
+"""Offline self-check for the local_* lm-eval tasks in optimizer/resources/evals/tasks.
 
 Run from any directory (it does not depend on the CWD):
 
-    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python /path/to/evals/verify.py [--skip-run]
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python /path/to/scripts/verify_evals.py [--skip-run]
 
 Checks, in order:
   1. every *.yaml under evals/tasks parses with lm-eval's own loader (including
@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-EVALS = Path(__file__).resolve().parent
+# The shipped tasks and data: package data of optimizer (optimizer/resources/evals).
+EVALS = Path(__file__).resolve().parents[1] / "optimizer" / "resources" / "evals"
 TASKS_DIR = EVALS / "tasks"
 DATA_DIR = EVALS / "data"
 
