@@ -351,9 +351,26 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from optimizer.pipeline import run_recipe
-    from optimizer.recipe import SourceMap, parse_recipe
+    """Gate a checkpoint or an endpoint: ``evaluate_and_judge``, then DIR/report/ and
+    DIR/run.json (a one-stage run record, as a recipe's gate stage writes it)."""
+    import contextlib
+    import hashlib
+    import time
+    import traceback
 
+    from optimizer import hardware, models
+    from optimizer.evaluation import (
+        BaselineRef,
+        apply_overrides,
+        evaluate_and_judge,
+        load_suite,
+        make_candidate,
+        run_meta,
+        write_reports,
+    )
+
+    # Inputs first, refused before anything is loaded or written (a checkpoint the gate
+    # cannot evaluate faithfully included).
     max_drop = {}
     for item in args.max_drop:
         key, _, value = item.partition("=")
@@ -363,40 +380,199 @@ def cmd_gate(args: argparse.Namespace) -> int:
             raise OptimizerError(
                 f"--max-drop {item!r}: expected METRIC=NUMBER, e.g. default=0.01"
             ) from None
-    gate: dict = {
-        "suite": str(Path(args.suite).resolve()),
-        "max_drop": max_drop,
-        "on_inconclusive": args.on_inconclusive,
-    }
-    if args.limit:
-        gate["limit"] = args.limit
-    if args.endpoint:
-        if not args.endpoint_model:
-            raise OptimizerError(
-                "--endpoint needs --endpoint-model (the model name the server expects)"
-            )
-        gate.update(
-            evaluate="endpoint", endpoint={"base_url": args.endpoint, "model": args.endpoint_model}
+    if args.endpoint and not args.endpoint_model:
+        raise OptimizerError(
+            "--endpoint needs --endpoint-model (the model name the server expects)"
         )
-    else:
-        gate["candidate"] = str(Path(args.candidate).resolve())
-    data = {
+    suite_file = Path(args.suite).resolve()
+    suite = apply_overrides(load_suite(suite_file), limit=args.limit, max_drop=max_drop)
+    problem = models.check_source(args.baseline, Path.cwd())
+    if problem:
+        raise OptimizerError(f"--baseline: {problem}")
+    candidate = None
+    candidate_path = Path(args.candidate).resolve() if args.candidate else None
+    if candidate_path is not None:
+        candidate = make_candidate("checkpoint", candidate_path)
+    invocation = {
         "name": "gate",
+        "description": None,
         "model": {
             "source": args.baseline,
             "dtype": args.dtype,
             "compute_dtype": args.compute_dtype,
+            "trust_remote_code": False,
         },
-        "stages": [{"gate": gate}],
+        "calibration": None,
+        "stages": [
+            {
+                "gate": {
+                    "suite": str(suite_file),
+                    "evaluate": "endpoint" if args.endpoint else "checkpoint",
+                    "candidate": str(candidate_path) if candidate_path else None,
+                    "endpoint": {"base_url": args.endpoint, "model": args.endpoint_model}
+                    if args.endpoint
+                    else None,
+                    "max_drop": max_drop,
+                    "limit": args.limit,
+                    "on_inconclusive": args.on_inconclusive,
+                }
+            }
+        ],
     }
-    recipe = parse_recipe(data, SourceMap("optimize gate"), Path.cwd())
-    outcome = run_recipe(recipe, args.output, force=args.force, recipe_file=None, overrides=[])
+
+    from optimizer.pipeline import (
+        COMPUTE_PACKAGES,
+        _attach_file_log,
+        _StdoutToLog,
+        device_info,
+        now,
+        package_versions,
+    )
+    from optimizer.rundir import SCHEMA_VERSION, RunDirectory, replace_dir, sha256_tree
+
+    gate_log = logging.getLogger("optimizer.gate")
+    run = RunDirectory(args.output)
+    run.lock()
+    handler = None
+    record: dict = {}
+    entry: dict = {"index": 0, "name": "gate", "status": "pending"}
+    t0 = time.time()
+    try:
+        previous = run.read()
+        if previous is not None and not args.force:
+            raise OptimizerError(
+                f"{run.path} already holds a run (status: {previous.get('status')}). Use "
+                "--force to replace it, or -o to choose another directory."
+            )
+        if previous is not None:
+            run.clear()
+        run.remove_temporaries()
+        run.logs.mkdir(parents=True, exist_ok=True)
+        handler = _attach_file_log(run.logs / "run.log")
+        versions = package_versions()
+        blob = json.dumps(invocation, sort_keys=True, separators=(",", ":"))
+        record = {
+            "schema_version": SCHEMA_VERSION,
+            "name": "gate",
+            "status": "running",
+            "started_at": now(),
+            "finished_at": None,
+            "recipe_file": None,
+            "overrides": [],
+            "recipe": invocation,
+            "recipe_sha256": hashlib.sha256(blob.encode()).hexdigest(),
+            "versions": versions,
+            "device": None,
+            "model": {"source": args.baseline},
+            "stages": [entry],
+            "artifacts": {},
+            "error": None,
+        }
+        run.write(record)
+        try:
+            record["device"] = device_info()
+            compute = hardware.compute_dtype(
+                args.dtype, args.compute_dtype, cuda=record["device"]["cuda"]
+            )
+            record["device"]["compute_dtype"] = compute
+            resolved = models.resolve_source(args.baseline, Path.cwd())
+            record["model"] = {
+                "source": resolved.source,
+                "path": str(resolved.path),
+                "fingerprint": resolved.fingerprint,
+            }
+            baseline = BaselineRef(
+                path=resolved.path,
+                fingerprint=resolved.fingerprint,
+                dtype=args.dtype,
+                compute_dtype=compute,
+            )
+            if candidate is None:
+                candidate = make_candidate(
+                    "endpoint", args.endpoint, args.endpoint_model, tokenizer=resolved.path
+                )
+            fingerprint = {
+                "gate": invocation,
+                "model": resolved.fingerprint,
+                "compute_dtype": compute,
+                "versions": {k: versions.get(k) for k in COMPUTE_PACKAGES},
+            }
+            entry.update(
+                status="running",
+                fingerprint=hashlib.sha256(
+                    json.dumps(fingerprint, sort_keys=True).encode()
+                ).hexdigest(),
+                started_at=now(),
+                outputs={},
+                metrics={},
+            )
+            run.write(record)
+            t0 = time.time()
+            with contextlib.redirect_stdout(_StdoutToLog(gate_log)):
+                judgement = evaluate_and_judge(
+                    suite,
+                    baseline,
+                    candidate,
+                    cache_dir=models.cache_dir(),
+                    on_inconclusive=args.on_inconclusive,
+                    log=gate_log,
+                )
+            tmp = run.path / ".tmp-00-report"
+            tmp.mkdir(parents=True)
+            meta = run_meta(judgement, evaluated=str(candidate_path or "endpoint"), recipe="gate")
+            write_reports(tmp, judgement.verdict, meta)
+            report = run.path / "report"
+            replace_dir(tmp, report)
+        except (OptimizerError, KeyboardInterrupt) as e:
+            entry.update(seconds=round(time.time() - t0, 3))
+            if isinstance(e, KeyboardInterrupt):
+                entry["status"] = record["status"] = "interrupted"
+                record["error"] = {"message": "interrupted by the user"}
+            else:
+                entry.update(status="failed", error=str(e))
+                record["status"], record["error"] = "failed", {"message": str(e)}
+            raise
+        except Exception as e:
+            cause = f"{type(e).__name__}: {e}"
+            entry.update(status="failed", error=cause, seconds=round(time.time() - t0, 3))
+            record["status"], record["error"] = "failed", {"stage": "gate", "message": cause}
+            gate_log.debug("gate traceback:\n%s", traceback.format_exc())
+            raise StageFailed("gate", cause) from e
+        entry.update(
+            status="success",
+            seconds=round(time.time() - t0, 3),
+            outputs={"report": {"path": str(report), "sha256": sha256_tree(report)}},
+            metrics=judgement.summary(),
+            finished_at=now(),
+        )
+        record["artifacts"] = {
+            "gate": str(report / "gate.json"),
+            "report": str(report / "report.html"),
+        }
+        if not judgement.passed:
+            message = (
+                f"accuracy gate failed on {', '.join(judgement.verdict.failing)} "
+                f"(see {run.path}/report/report.md)"
+            )
+            entry["gate_failure"] = message
+            record["status"] = "gate_failed"
+            record["error"] = {"stage": "gate", "message": message}
+            raise GateFailed(message)
+        record["status"] = "success"
+    finally:
+        if record:
+            record["finished_at"] = now()
+            run.write(record)
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        run.unlock()
     print(
         json.dumps(
             {
-                "status": outcome.record["status"],
-                "run_json": str(outcome.run_dir / "run.json"),
-                "artifacts": outcome.record.get("artifacts", {}),
+                "status": record["status"],
+                "run_json": str(run.run_json),
+                "artifacts": record["artifacts"],
             }
         )
     )
@@ -404,7 +580,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from optimizer.report import regenerate
+    from optimizer.evaluation import regenerate
 
     print(f"wrote {regenerate(args.run_dir)}")
     return EXIT_OK
@@ -423,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "quiet", False))
+    # The process is the CLI's: lm-eval's local tasks read offline data, never the hub's.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         return COMMANDS[args.verb](args)
     except RecipeError as e:
