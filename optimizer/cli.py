@@ -389,10 +389,11 @@ def cmd_gate(args: argparse.Namespace) -> int:
     problem = models.check_source(args.baseline, Path.cwd())
     if problem:
         raise OptimizerError(f"--baseline: {problem}")
-    candidate = None
     candidate_path = Path(args.candidate).resolve() if args.candidate else None
     if candidate_path is not None:
-        candidate = make_candidate("checkpoint", candidate_path)
+        candidate = make_candidate("checkpoint", candidate_path)  # refuses a unified HF export
+    else:  # probed (with the baseline's tokenizer) before the baseline is evaluated
+        candidate = make_candidate("endpoint", args.endpoint, args.endpoint_model)
     invocation = {
         "name": "gate",
         "description": None,
@@ -487,10 +488,6 @@ def cmd_gate(args: argparse.Namespace) -> int:
                 dtype=args.dtype,
                 compute_dtype=compute,
             )
-            if candidate is None:
-                candidate = make_candidate(
-                    "endpoint", args.endpoint, args.endpoint_model, tokenizer=resolved.path
-                )
             fingerprint = {
                 "gate": invocation,
                 "model": resolved.fingerprint,

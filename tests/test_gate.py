@@ -290,6 +290,9 @@ def test_gate_refuses_an_endpoint_without_prompt_logprobs(
         f"endpoint {url} cannot be gated on loglikelihood tasks" in err
         and "echo + logprobs unsupported" in err
     )
+    assert not (tmp_path / "cache" / "baselines").exists()  # refused before the baseline
+    record = json.loads((tmp_path / "g" / "run.json").read_text())
+    assert record["status"] == "failed" and "echo + logprobs" in record["error"]["message"]
 
 
 def test_shipped_suites_load():
