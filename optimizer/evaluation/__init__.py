@@ -139,8 +139,8 @@ def evaluate_and_judge(
     cache_file = cache.baseline_path(cache_dir, key) if cache_dir is not None else None
     base_scores = cache.load_baseline(cache_file, key) if cache_file is not None else None
     cached = base_scores is not None
-    if base_scores is not None:
-        log.info("baseline: reusing cached scores (%s)", cache_file.name)  # type: ignore[union-attr]
+    if cache_file is not None and base_scores is not None:
+        log.info("baseline: reusing cached scores (%s)", cache_file.name)
     else:
         log.info("baseline: evaluating %s on suite %s", baseline.path, suite.name)
         base_scores = _score(baseline_target, suite, baseline, include_path)
