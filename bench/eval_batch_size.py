@@ -31,7 +31,8 @@ def main() -> int:
     import torch
 
     from optimizer import hardware, models
-    from optimizer.evaluation import Suite, SuiteTask, evaluate_suite
+    from optimizer.evaluation import Suite, SuiteTask
+    from optimizer.evaluation.harness import score_suite
 
     gpu = torch.cuda.is_available()
     compute = hardware.compute_dtype("bfloat16", "auto", cuda=gpu)
@@ -46,7 +47,7 @@ def main() -> int:
             tasks=[SuiteTask(task="local_arc_easy", metric="acc")],
         )
         t0 = time.time()
-        acc = evaluate_suite(model, tok, suite)["local_arc_easy/acc"]["value"]
+        acc = score_suite((model, tok), suite)["local_arc_easy/acc"].value
         rows.append((bs, time.time() - t0, acc))
         print(f"batch {bs}: {rows[-1][1]:.1f} s, acc {acc:.4f}", flush=True)
     flags = sorted(hardware.cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,11 +66,13 @@ def main() -> int:
         help="results path without suffix (default: bench/results/ptq_formats-<cpu|gpu>)",
     )
     args = ap.parse_args()
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     import torch
 
     from optimizer import models
-    from optimizer.evaluation import evaluate
+    from optimizer.evaluation import Suite, SuiteTask
+    from optimizer.evaluation.harness import score_suite
     from optimizer.pipeline import run_recipe
     from optimizer.recipe import load_recipe
 
@@ -95,10 +98,17 @@ def main() -> int:
         )
         out.with_suffix(".md").write_text(markdown(meta, rows))
 
+    suite = Suite(
+        name="ptq_formats",
+        limit=limit,
+        batch_size=args.batch_size,
+        tasks=[SuiteTask(task=t, metric=METRIC[t]) for t in TASKS],
+    )
+
     def score(model, tok) -> tuple[dict, float]:
         t0 = time.time()
-        res = evaluate(model, tok, TASKS, limit=limit, batch_size=args.batch_size)["results"]
-        return {t: res[t][METRIC[t]] for t in TASKS}, time.time() - t0
+        means = score_suite((model, tok), suite).means()
+        return {t: means[f"{t}/{METRIC[t]}"] for t in TASKS}, time.time() - t0
 
     base = models.resolve_source("builtin:smollm2-135m-instruct", REPO)
     tok = models.load_tokenizer(base.path)

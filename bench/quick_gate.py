@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -40,12 +41,15 @@ def main() -> int:
     ap.add_argument("--calibration-samples", type=int, default=None)
     ap.add_argument("--results", type=Path, help="results path without suffix")
     args = ap.parse_args()
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     import modelopt.torch.quantization as mtq
     import torch
 
-    from optimizer import calibration, gate, hardware, models
-    from optimizer.evaluation import Suite, SuiteTask, Threshold, evaluate_suite
+    from optimizer import calibration, hardware, models
+    from optimizer.evaluation import Suite, SuiteTask, TaskScores, Threshold
+    from optimizer.evaluation.harness import score_suite
+    from optimizer.evaluation.verdict import judge
     from optimizer.recipe import load_recipe
 
     gpu = torch.cuda.is_available()
@@ -79,10 +83,10 @@ def main() -> int:
 
     def evaluate(name: str, model) -> None:
         t0 = time.time()
-        scores = evaluate_suite(model, tok, suite)
+        scores = score_suite((model, tok), suite)
         seconds = time.time() - t0
         results[name] = {"seconds": round(seconds, 1), "metrics": scores}
-        print(f"{name}: {seconds:.0f} s", {k: round(v["value"], 4) for k, v in scores.items()})
+        print(f"{name}: {seconds:.0f} s", {k: round(v, 4) for k, v in scores.means().items()})
         save()
 
     def save() -> None:
@@ -101,25 +105,22 @@ def main() -> int:
                 for n in sorted({min(n, t.limit) for n in (100, 200, 300, 400, 600, t.limit)}):
 
                     def cut(m, n=n):  # the first n documents, as limit=n takes them
-                        return {
-                            "docs": dict(list(m["docs"].items())[:n]),
-                            "doc_hashes": m["doc_hashes"],
-                        }
+                        return TaskScores.from_docs(dict(list(m.docs.items())[:n]), m.doc_hashes)
 
-                    j = gate.judge(t.key, cut(b), cut(c), Threshold(max_drop=args.max_drop))
-                    docs_b, docs_c = cut(b)["docs"], cut(c)["docs"]
+                    j = judge(t.key, cut(b), cut(c), Threshold(max_drop=args.max_drop))
+                    docs_b, docs_c = cut(b).docs, cut(c).docs
                     flips = sum(docs_b[k] != docs_c[k] for k in docs_b) / n
                     rows.append(
                         {
                             "candidate": name,
                             "metric": t.key,
                             "n": n,
-                            "baseline": round(j["baseline"], 4),
-                            "candidate_value": round(j["candidate"], 4),
-                            "drop": round(-j["delta"], 4),
-                            "se": round(j["delta_stderr"], 4),
+                            "baseline": round(j.baseline, 4),
+                            "candidate_value": round(j.candidate, 4),
+                            "drop": round(-j.delta, 4),
+                            "se": round(j.delta_stderr, 4),
                             "flip_rate": round(flips, 4),
-                            "verdict": j["verdict"],
+                            "verdict": j.verdict,
                         }
                     )
         seconds = {name: {"total": r["seconds"]} for name, r in results.items()}

@@ -309,8 +309,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from optimizer.pipeline import run_recipe
-    from optimizer.recipe import SourceMap, parse_recipe
+    from optimizer.release_gate import GateRequest, gate_artifact
 
     max_drop = {}
     for item in args.max_drop:
@@ -321,48 +320,29 @@ def cmd_gate(args: argparse.Namespace) -> int:
             raise OptimizerError(
                 f"--max-drop {item!r}: expected METRIC=NUMBER, e.g. default=0.01"
             ) from None
-    gate: dict = {
-        # an existing file as an absolute path; anything else as given (a shipped suite's name)
-        "suite": str(Path(args.suite).resolve()) if Path(args.suite).exists() else args.suite,
-        "max_drop": max_drop,
-        "on_inconclusive": args.on_inconclusive,
-    }
-    if args.limit:
-        gate["limit"] = args.limit
-    if args.endpoint:
-        if not args.endpoint_model:
-            raise OptimizerError(
-                "--endpoint needs --endpoint-model (the model name the server expects)"
-            )
-        gate.update(
-            evaluate="endpoint", endpoint={"base_url": args.endpoint, "model": args.endpoint_model}
-        )
-    else:
-        gate["candidate"] = str(Path(args.candidate).resolve())
-    data = {
-        "name": "gate",
-        "model": {
-            "source": args.baseline,
-            "dtype": args.dtype,
-            "compute_dtype": args.compute_dtype,
-        },
-        "stages": [{"gate": gate}],
-    }
-    recipe = parse_recipe(data, SourceMap("optimize gate"), Path.cwd())
-    outcome = run_recipe(
-        recipe,
-        args.output,
+    if args.limit is not None and args.limit <= 0:
+        raise OptimizerError(f"--limit {args.limit}: must be a positive number of documents")
+    request = GateRequest(
+        baseline=args.baseline,
+        suite=args.suite,
+        output=args.output,
+        candidate=Path(args.candidate) if args.candidate else None,
+        endpoint=args.endpoint,
+        endpoint_model=args.endpoint_model,
+        max_drop=max_drop,
+        limit=args.limit,
+        on_inconclusive=args.on_inconclusive,
+        dtype=args.dtype,
+        compute_dtype=args.compute_dtype,
         force=args.force,
-        recipe_file=None,
-        overrides=[],
-        capture=capture_run_log,
     )
+    record = gate_artifact(request, capture=capture_run_log)
     print(
         json.dumps(
             {
-                "status": outcome.record.status,
-                "run_json": str(outcome.run_dir / "run.json"),
-                "artifacts": outcome.record.artifacts,
+                "status": record.status,
+                "run_json": str(Path(args.output).resolve() / "run.json"),
+                "artifacts": record.artifacts,
             }
         )
     )
@@ -370,7 +350,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from optimizer.report import regenerate
+    from optimizer.evaluation import regenerate
 
     print(f"wrote {regenerate(args.run_dir)}")
     return EXIT_OK

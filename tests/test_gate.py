@@ -8,35 +8,33 @@ import pytest
 from tiny import make_tiny_llama
 
 from optimizer.cli import main
-from optimizer.evaluation import Suite, Threshold
-from optimizer.gate import decide, judge
+from optimizer.evaluation import Suite, SuiteScores, TaskScores, Threshold
+from optimizer.evaluation.verdict import decide, judge
 
 
 def scores(values, prefix="t"):
-    return {"docs": {f"{prefix}:{i}": float(v) for i, v in enumerate(values)}, "doc_hashes": {}}
+    return TaskScores.from_docs({f"{prefix}:{i}": float(v) for i, v in enumerate(values)})
 
 
 def test_identical_answers_pass_with_zero_noise():
     m = judge(
         "t/acc", scores([1, 0, 1, 1] * 25), scores([1, 0, 1, 1] * 25), Threshold(max_drop=0.01)
     )
-    assert (m["verdict"], m["delta"], m["delta_stderr"], m["n"]) == ("pass", 0.0, 0.0, 100)
+    assert (m.verdict, m.delta, m.delta_stderr, m.n) == ("pass", 0.0, 0.0, 100)
+
+
+def test_task_scores_mean_and_standard_error():
+    s = scores([1, 0, 1, 1])
+    # mean 0.75; sample variance 0.25 (1/3 of 0.75); SE = sqrt(0.25 / 4) = 0.25
+    assert (s.value, s.stderr, s.n) == (0.75, pytest.approx(0.25), 4)
 
 
 def test_clear_drop_fails_and_clear_gain_passes():
     base = [1] * 100
-    assert (
-        judge("t/acc", scores(base), scores([1] * 60 + [0] * 40), Threshold(max_drop=0.05))[
-            "verdict"
-        ]
-        == "fail"
-    )
-    assert (
-        judge("t/acc", scores([0] * 100), scores([1] * 30 + [0] * 70), Threshold(max_drop=0.0))[
-            "verdict"
-        ]
-        == "pass"
-    )
+    drop = judge("t/acc", scores(base), scores([1] * 60 + [0] * 40), Threshold(max_drop=0.05))
+    assert drop.verdict == "fail" and drop.delta == pytest.approx(-0.4)
+    gain = judge("t/acc", scores([0] * 100), scores([1] * 30 + [0] * 70), Threshold(max_drop=0.0))
+    assert gain.verdict == "pass" and gain.delta == pytest.approx(0.3)
 
 
 def test_drop_within_noise_of_threshold_is_inconclusive():
@@ -44,29 +42,59 @@ def test_drop_within_noise_of_threshold_is_inconclusive():
     base = [1] * 20 + [0] * 20 + [1] * 60
     cand = [0] * 20 + [1] * 17 + [0] * 3 + [1] * 60
     m = judge("t/acc", scores(base), scores(cand), Threshold(max_drop=0.02))
-    assert m["verdict"] == "inconclusive"
-    assert m["delta"] == pytest.approx(-0.03) and m["delta_ci95"][0] < -0.02 < m["delta_ci95"][1]
+    assert m.verdict == "inconclusive"
+    assert m.delta == pytest.approx(-0.03) and m.delta_ci95[0] < -0.02 < m.delta_ci95[1]
+    # 20 losses, 17 gains of 1 in 100: sd of d = sqrt((37 - 100 * 0.03**2) / 99), SE = sd / 10
+    assert m.delta_stderr == pytest.approx(((37 - 100 * 0.03**2) / 99) ** 0.5 / 10)
     suite = Suite(
         name="s",
         tasks=[{"task": "t", "metric": "acc"}],
         thresholds={"default": Threshold(max_drop=0.02)},
     )
-    assert (
-        decide(suite, {"t/acc": scores(base)}, {"t/acc": scores(cand)}, "fail")["passed"] is False
-    )
-    assert decide(suite, {"t/acc": scores(base)}, {"t/acc": scores(cand)}, "pass")["passed"] is True
+    b, c = SuiteScores({"t/acc": scores(base)}), SuiteScores({"t/acc": scores(cand)})
+    failed = decide(suite, b, c, "fail")
+    assert failed.passed is False and failed.failing == ["t/acc"]
+    assert decide(suite, b, c, "pass").passed is True
 
 
 def test_relative_drop_and_floor():
     base, cand = scores([1] * 50 + [0] * 50), scores([1] * 48 + [0] * 52)
     m = judge("t/acc", base, cand, Threshold(max_relative_drop=0.5))
-    assert m["allowed_drop"] == pytest.approx(0.25) and m["verdict"] == "pass"
-    assert judge("t/acc", base, cand, Threshold(min_value=0.9))["verdict"] == "fail"
+    assert m.allowed_drop == pytest.approx(0.25) and m.verdict == "pass"
+    floor = judge("t/acc", base, cand, Threshold(min_value=0.9))
+    assert floor.verdict == "fail" and floor.allowed_drop is None
+    assert "allowed_drop" not in floor.model_dump(exclude_none=True)
+
+
+def test_verdict_serialises_to_the_gate_json_keys():
+    """gate.json is a contract: the typed verdict writes exactly the keys it always had."""
+    suite = Suite(name="s", tasks=[{"task": "t", "metric": "acc"}])
+    verdict = decide(
+        suite, SuiteScores({"t/acc": scores([1, 1, 0])}), SuiteScores({"t/acc": scores([1, 0, 0])})
+    )
+    data = verdict.to_json()
+    assert list(data) == ["passed", "failing", "on_inconclusive", "rule", "metrics"]
+    assert list(data["metrics"][0]) == [
+        "metric",
+        "n",
+        "baseline",
+        "candidate",
+        "delta",
+        "delta_stderr",
+        "delta_ci95",
+        "threshold",
+        "allowed_drop",
+        "reason",
+        "verdict",
+    ]
+    assert data["metrics"][0]["threshold"] == {"max_drop": 0.01}
+    assert isinstance(data["metrics"][0]["delta_ci95"], list)
+    assert type(verdict).model_validate(data) == verdict  # optimize report reads it back
 
 
 def test_documents_must_match():
-    base = {"docs": {"t:0": 1.0}, "doc_hashes": {"t:0": "a"}}
-    cand = {"docs": {"t:0": 1.0}, "doc_hashes": {"t:0": "b"}}
+    base = TaskScores.from_docs({"t:0": 1.0}, {"t:0": "a"})
+    cand = TaskScores.from_docs({"t:0": 1.0}, {"t:0": "b"})
     with pytest.raises(ValueError, match="differs between baseline and candidate"):
         judge("t/acc", base, cand, Threshold(max_drop=0.1))
 
@@ -222,7 +250,7 @@ def completions_server():
 
 
 def test_endpoint_probe(completions_server):
-    from optimizer.endpoint import probe_prompt_logprobs
+    from optimizer.evaluation.candidates import probe_prompt_logprobs
 
     assert probe_prompt_logprobs(completions_server(True), "m", [1, 2, 3, 4]) is None
     reason = probe_prompt_logprobs(completions_server(False), "m", [1, 2, 3, 4])
@@ -262,6 +290,9 @@ def test_gate_refuses_an_endpoint_without_prompt_logprobs(
         f"endpoint {url} cannot be gated on loglikelihood tasks" in err
         and "echo + logprobs unsupported" in err
     )
+    assert not (tmp_path / "cache" / "baselines").exists()  # refused before the baseline
+    record = json.loads((tmp_path / "g" / "run.json").read_text())
+    assert record["status"] == "failed" and "echo + logprobs" in record["error"]["message"]
 
 
 def test_shipped_suites_load():
@@ -284,21 +315,22 @@ def test_gate_after_export_in_a_recipe(tiny_llama, tiny_suite, tmp_path, monkeyp
         f"calibration: {{dataset: {CALIBRATION}, num_samples: 4, seq_len: 64}}\n"
         f"stages:\n  - ptq: {{format: fp8}}\n  - export: {{hf_checkpoint: true}}\n  - gate: {{suite: {tiny_suite}}}\n"
     )
-    import optimizer.evaluation as evaluation
+    from optimizer.evaluation import harness
 
     evaluated = []  # per evaluation: how many quantizers the evaluated model runs
-    original = evaluation.evaluate_suite
+    original = harness.score_suite
 
-    def spy(model, tokenizer, suite, **kwargs):
+    def spy(target, suite, **kwargs):
+        model, _ = target
         evaluated.append(
             sum(
                 getattr(getattr(m, "input_quantizer", None), "is_enabled", False)
                 for m in model.modules()
             )
         )
-        return original(model, tokenizer, suite, **kwargs)
+        return original(target, suite, **kwargs)
 
-    monkeypatch.setattr(evaluation, "evaluate_suite", spy)
+    monkeypatch.setattr(harness, "score_suite", spy)
     assert main(["run", str(recipe), "-o", str(tmp_path / "run"), "-q"]) == 0
     gate = json.loads((tmp_path / "run" / "report" / "gate.json").read_text())
     assert gate["passed"] is True and gate["metrics"][0]["n"] == 10
@@ -311,7 +343,7 @@ def test_builtin_lm_eval_tasks_are_indexed_only_when_named(monkeypatch):
     """Local tasks resolve without lm-eval's own index; any other name brings it in."""
     import lm_eval.tasks
 
-    from optimizer import evaluation
+    from optimizer.evaluation import harness
 
     seen = []
 
@@ -323,7 +355,7 @@ def test_builtin_lm_eval_tasks_are_indexed_only_when_named(monkeypatch):
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", Recorder)
     for tasks in (["local_arc_easy"], ["arc_easy"]):
         with pytest.raises(RuntimeError, match="stop"):
-            evaluation.evaluate(None, None, tasks, lm=object())
+            harness.evaluate_tasks(object(), tasks)
     assert seen == [False, True]
 
 
@@ -333,8 +365,8 @@ def test_folding_fake_quant_weights_keeps_the_logits(tiny_llama):
     import modelopt.torch.quantization as mtq
     import torch
 
+    from optimizer.evaluation.candidates import fold_fake_quant_weights
     from optimizer.models import load_model
-    from optimizer.stages.gate import fold_fake_quant_weights
 
     model = load_model(tiny_llama, "float32")
     ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -3,7 +3,8 @@ same per-document task scores, on a tiny Llama and on its FP8-quantized copy."""
 
 import pytest
 
-from optimizer.evaluation import LOCAL_TASKS, Suite, SuiteTask, evaluate_suite
+from optimizer.evaluation import LOCAL_TASKS, Suite, SuiteTask
+from optimizer.evaluation.harness import score_suite
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def _scores(lm_class, model, tok, max_length, requests):
 def test_loglikelihoods_match_hflm_request_by_request(tiny, max_length):
     from lm_eval.models.huggingface import HFLM
 
-    from optimizer.prefix_sharing import PrefixSharingHFLM
+    from optimizer.evaluation.prefix_sharing import PrefixSharingHFLM
 
     model, tok = tiny
     requests = _requests()
@@ -78,17 +79,17 @@ def test_a_quantized_model_scores_the_same_documents_alike(tiny_llama):
     calib = calib.to(model.device)
     mtq.quantize(model, mtq.FP8_DEFAULT_CFG, lambda m: m(input_ids=calib))
     suite = Suite(name="t", limit=12, tasks=[SuiteTask(task="local_arc_easy", metric="acc")])
-    shared = evaluate_suite(model, tok, suite, include_path=LOCAL_TASKS)
+    shared = score_suite((model, tok), suite, include_path=LOCAL_TASKS)
     mp = pytest.MonkeyPatch()
-    import optimizer.prefix_sharing as ps
+    import optimizer.evaluation.prefix_sharing as ps
 
     mp.setattr(ps.PrefixSharingHFLM, "_supports_packing", lambda self: False)  # HFLM's own path
     try:
-        plain = evaluate_suite(model, tok, suite, include_path=LOCAL_TASKS)
+        plain = score_suite((model, tok), suite, include_path=LOCAL_TASKS)
     finally:
         mp.undo()
-    assert shared["local_arc_easy/acc"]["docs"] == plain["local_arc_easy/acc"]["docs"]
-    assert shared["local_arc_easy/acc"]["n"] == 12
+    assert shared["local_arc_easy/acc"].docs == plain["local_arc_easy/acc"].docs
+    assert shared["local_arc_easy/acc"].n == 12
     assert issubclass(ps.PrefixSharingHFLM, huggingface.HFLM)
 
 
@@ -116,7 +117,7 @@ def test_packing_is_refused_where_it_would_not_be_exact(tiny):
         MistralForCausalLM,
     )
 
-    from optimizer.prefix_sharing import packing_problem
+    from optimizer.evaluation.prefix_sharing import packing_problem
 
     llama, _ = tiny
     assert packing_problem(llama, 2048) is None

@@ -3,7 +3,6 @@ for recipes, gate suites and calibration sets."""
 
 import subprocess
 import sys
-import types
 
 import pytest
 from tiny import CALIBRATION, REPO
@@ -165,26 +164,32 @@ def test_an_unreachable_hub_dataset_suggests_the_shipped_set(monkeypatch):
         calibration.load_texts(CalibrationSpec(dataset="python-doc"), REPO)
 
 
-def test_optimize_gate_takes_a_shipped_suite_by_name(tmp_path, monkeypatch):
-    import optimizer.pipeline as pipeline
+def test_optimize_gate_takes_a_shipped_suite_by_name(tmp_path, monkeypatch, capsys):
+    import optimizer.evaluation as evaluation
     from optimizer.cli import main
 
     seen = {}
 
-    def fake_run(recipe, run_dir, **_):
-        seen["recipe"] = recipe
-        record = types.SimpleNamespace(status="success", artifacts={})
-        return types.SimpleNamespace(record=record, run_dir=run_dir)
+    def stop_before_candidate(target, *args, **kwargs):  # the suite is resolved by then
+        raise OptimizerError("candidate stopped by the test")
 
-    monkeypatch.setattr(pipeline, "run_recipe", fake_run)
+    real_load = evaluation.load_suite
+
+    def spy_load(path):
+        seen["suite"] = path
+        return real_load(path)
+
+    monkeypatch.setattr(evaluation, "make_candidate", stop_before_candidate)
+    monkeypatch.setattr(evaluation, "load_suite", spy_load)
     monkeypatch.chdir(tmp_path)
     args = ["gate", "--baseline", "builtin:smollm2-135m-instruct", "--candidate", str(tmp_path)]
-    assert main([*args, "--suite", "quick", "-o", "g"]) == 0
-    (stage,) = seen["recipe"].stages
-    assert stage.suite == "quick"
-    assert stage.suite_path(seen["recipe"].base_dir) == resources.suite("quick")
+    assert main([*args, "--suite", "quick", "-o", "g"]) == 2
+    assert seen["suite"] == resources.suite("quick")
     own = tmp_path / "own.yaml"
     own.write_text(resources.suite("quick").read_text())
-    assert main([*args, "--suite", "own.yaml", "-o", "g"]) == 0
-    assert seen["recipe"].stages[0].suite == str(own)  # a file: recorded as an absolute path
+    assert main([*args, "--suite", "own.yaml", "-o", "g"]) == 2
+    assert seen["suite"] == own  # a file wins over a name
+    capsys.readouterr()
     assert main([*args, "--suite", "quik", "-o", "g"]) == 2
+    assert "did you mean 'quick'" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()  # bad input writes nothing

@@ -2,13 +2,13 @@
 
 Evaluates the baseline (the recipe's source model, cached per model fingerprint and suite
 settings) and the candidate on the same documents and judges every metric with paired
-statistics (optimizer/gate.py). Writes ``gate.json``, ``report.md`` and ``report.html``;
-a failed gate still writes them, and the run exits 3.
+statistics: a thin adapter from the run's state to ``optimizer.evaluation.evaluate_and_judge``.
+Writes ``gate.json``, ``report.md`` and ``report.html``; a failed gate still writes them, and
+the run exits 3.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -30,6 +30,22 @@ class EndpointSpec(BaseModel):
         description="full completions URL, e.g. http://localhost:8000/v1/completions"
     )
     model: str = Field(description="model name the server expects")
+
+
+def resolve_suite(ref: str, base_dir: Path) -> Path:
+    """A suite reference: a path (absolute, or relative to ``base_dir``, then the cwd) or,
+    when no such file exists, a shipped suite's name (an unknown name: OptimizerError with a
+    did-you-mean)."""
+    from optimizer import resources
+
+    p = Path(ref).expanduser()
+    if p.is_absolute():
+        return p
+    if (base_dir / p).exists():
+        return base_dir / p
+    if p.exists() or not resources.is_name(ref):
+        return p.resolve()
+    return resources.suite(ref)
 
 
 class Gate(Stage):
@@ -69,16 +85,7 @@ class Gate(Stage):
     def suite_path(self, base_dir: Path) -> Path:
         """The suite file: a path (absolute, or relative to the recipe, then the cwd) or, when
         no such file exists, a shipped suite by name (``quick``: optimizer/resources/suites)."""
-        from optimizer import resources
-
-        p = Path(self.suite).expanduser()
-        if p.is_absolute():
-            return p
-        if (base_dir / p).exists():
-            return base_dir / p
-        if p.exists() or not resources.is_name(self.suite):
-            return p.resolve()
-        return resources.suite(self.suite)  # an unknown name: OptimizerError, did-you-mean
+        return resolve_suite(self.suite, base_dir)
 
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
         from optimizer.evaluation import load_suite
@@ -112,160 +119,79 @@ class Gate(Stage):
             "report": str(Path(report["path"]) / "report.html"),
         }
 
-    def resolved_suite(self, base_dir: Path):
-        from optimizer.evaluation import Threshold, load_suite
-
-        suite = load_suite(self.suite_path(base_dir))
-        updates: dict = {}
-        if self.limit:
-            updates["limit"] = self.limit
-            updates["tasks"] = [t.model_copy(update={"limit": None}) for t in suite.tasks]
-        if self.max_drop:
-            updates["thresholds"] = {
-                **suite.thresholds,
-                **{k: Threshold(max_drop=v) for k, v in self.max_drop.items()},
-            }
-        return suite.model_copy(update=updates)
-
     def run(self, ctx: StageContext) -> StageResult:
-        from optimizer import gate, models, report
-        from optimizer.evaluation import LOCAL_TASKS, evaluate_suite
+        from optimizer import models
+        from optimizer.evaluation import (
+            BaselineRef,
+            apply_overrides,
+            evaluate_and_judge,
+            load_suite,
+            run_meta,
+            write_reports,
+        )
 
-        suite = self.resolved_suite(ctx.recipe.base_dir)
+        suite = apply_overrides(
+            load_suite(self.suite_path(ctx.recipe.base_dir)),
+            limit=self.limit,
+            max_drop=self.max_drop,
+        )
         state = ctx.state
-        tokenizer = ctx.tokenizer()
-        key = gate.baseline_key(
-            state.source_fingerprint, suite, state.dtype, LOCAL_TASKS, state.compute_dtype
+        assert state.source_path is not None
+        baseline = BaselineRef(
+            path=state.source_path,
+            fingerprint=state.source_fingerprint,
+            dtype=state.dtype,
+            compute_dtype=state.compute_dtype,
+            trust_remote_code=state.trust_remote_code,
         )
-        cache_file = gate.baseline_path(models.cache_dir(), key)
-        t0 = time.time()
-        baseline = gate.load_baseline(cache_file, key)
-        cached = baseline is not None
-        if cached:
-            ctx.log.info("baseline: reusing cached scores (%s)", cache_file.name)
-        else:
-            ctx.log.info("baseline: evaluating %s on suite %s", state.source_path, suite.name)
-            base_model = models.load_model(
-                state.source_path, state.compute_dtype, state.trust_remote_code
-            )
-            baseline = evaluate_suite(base_model, tokenizer, suite)
-            del base_model
-            gate.save_baseline(cache_file, key, baseline)
-        baseline_seconds = time.time() - t0
-
-        t0 = time.time()
-        candidate = self._evaluate_candidate(ctx, suite, tokenizer)
-        candidate_seconds = time.time() - t0
-        verdict = gate.decide(suite, baseline, candidate, self.on_inconclusive)
-        meta = {
-            "suite": suite.name,
-            "evaluated": self.candidate or self.evaluate,
-            "baseline_model": str(state.source_path),
-            "baseline_cached": cached,
-            "baseline_seconds": round(baseline_seconds, 1),
-            "candidate_seconds": round(candidate_seconds, 1),
-            "recipe": ctx.recipe.name,
-        }
+        judgement = evaluate_and_judge(
+            suite,
+            baseline,
+            self._candidate(ctx),
+            cache_dir=models.cache_dir(),
+            on_inconclusive=self.on_inconclusive,
+            log=ctx.log,
+        )
         out = ctx.new_output("report")
-        report.write_reports(out, verdict, meta)
-        for m in verdict["metrics"]:
-            ctx.log.info(
-                "gate %s: %s %.4f -> %.4f (%s)",
-                m["metric"],
-                m["verdict"],
-                m["baseline"],
-                m["candidate"],
-                m["reason"],
-            )
-        result = StageResult(
-            outputs={"report": out},
-            metrics={
-                "passed": verdict["passed"],
-                "failing": verdict["failing"],
-                "baseline_cached": cached,
-                **{
-                    m["metric"]: {
-                        "baseline": m["baseline"],
-                        "candidate": m["candidate"],
-                        "verdict": m["verdict"],
-                    }
-                    for m in verdict["metrics"]
-                },
-            },
+        meta = run_meta(
+            judgement, evaluated=self.candidate or self.evaluate, recipe=ctx.recipe.name
         )
-        if not verdict["passed"]:
+        write_reports(out, judgement.verdict, meta)
+        result = StageResult(outputs={"report": out}, metrics=judgement.summary())
+        if not judgement.passed:
             result.gate_failure = (
-                f"accuracy gate failed on {', '.join(verdict['failing'])} "
+                f"accuracy gate failed on {', '.join(judgement.verdict.failing)} "
                 "(see {run_dir}/report/report.md)"
             )
         return result
 
-    def _evaluate_candidate(self, ctx: StageContext, suite, tokenizer):
-        from optimizer import models
-        from optimizer.evaluation import evaluate_suite
+    def _candidate(self, ctx: StageContext):
+        """What this gate evaluates, checked (a refused checkpoint raises here)."""
+        from optimizer.evaluation import make_candidate
 
+        state = ctx.state
         if self.evaluate == "endpoint":
-            from optimizer.endpoint import endpoint_lm, probe_prompt_logprobs
-
             assert self.endpoint is not None
-            probe = tokenizer("The capital of France is Paris.")["input_ids"]
-            reason = probe_prompt_logprobs(self.endpoint.base_url, self.endpoint.model, probe)
-            if reason:
-                raise OptimizerError(
-                    f"endpoint {self.endpoint.base_url} cannot be gated on loglikelihood tasks: {reason}. "
-                    "lm-eval would silently score every choice alike; serve a backend that returns prompt "
-                    "logprobs, or evaluate the checkpoint instead (evaluate: checkpoint)"
-                )
-            lm = endpoint_lm(
+            return make_candidate(
+                "endpoint",
                 self.endpoint.base_url,
                 self.endpoint.model,
-                str(ctx.state.checkpoint),
-                suite.batch_size,
-                suite.max_length,
+                tokenizer=state.checkpoint,
             )
-            return evaluate_suite(None, None, suite, lm=lm)
         if self.candidate is not None:
-            path = Path(self.candidate).expanduser()
-            if not (path / "config.json").is_file():
-                raise OptimizerError(
-                    f"gate.candidate {path} is not a checkpoint directory (no config.json)"
-                )
-            model = models.load_model(path, ctx.state.compute_dtype, ctx.state.trust_remote_code)
-        elif self.evaluate == "checkpoint" or ctx.state.model is None:
+            return make_candidate(
+                "checkpoint",
+                self.candidate,
+                tokenizer=ctx.tokenizer(),
+                trust_remote_code=state.trust_remote_code,
+            )
+        if self.evaluate == "checkpoint" or state.model is None:
             # The saved state (after an export invalidated the live model, or when asked for):
             # loaded as the gate's own copy, not handed on to later stages.
-            ctx.log.info("candidate: loading %s", ctx.state.checkpoint)
-            model = models.load_model(
-                ctx.state.checkpoint, ctx.state.compute_dtype, ctx.state.trust_remote_code
+            return make_candidate(
+                "checkpoint",
+                state.checkpoint,
+                tokenizer=ctx.tokenizer(),
+                trust_remote_code=state.trust_remote_code,
             )
-        else:
-            return evaluate_suite(ctx.model(), tokenizer, suite)  # shared: evaluated as it is
-        fold_fake_quant_weights(model)
-        return evaluate_suite(model, tokenizer, suite)
-
-
-def fold_fake_quant_weights(model) -> int:
-    """Bake fake-quantized weights into the weights of a model the gate owns (ModelOpt's
-    ``fold_weight``): the same numbers in float32 (ModelOpt quantizes a weight in float32 and
-    casts back, so a bf16 model may differ in the last bit), without re-quantizing every
-    weight on every forward (about 15 % of a CPU evaluation). Returns the layers folded."""
-    quantized = [
-        m
-        for m in model.modules()
-        if getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)
-    ]
-    # Folding writes into the weight tensor: a quantized lm_head tied to the embeddings would
-    # quantize the embeddings too. Such a model is evaluated unfolded.
-    owners: dict[int, int] = {}
-    for m in model.modules():
-        weight = getattr(m, "weight", None)
-        if weight is not None and hasattr(weight, "data_ptr"):
-            owners[weight.data_ptr()] = owners.get(weight.data_ptr(), 0) + 1
-    if any(owners.get(m.weight.data_ptr(), 0) > 1 for m in quantized):
-        return 0
-    folded = len(quantized)
-    if folded:
-        import modelopt.torch.quantization as mtq
-
-        mtq.fold_weight(model)
-    return folded
+        return make_candidate("model", ctx.model(), ctx.tokenizer())  # shared: evaluated as it is

@@ -1,7 +1,9 @@
-"""Gate reports people read: Markdown and a self-contained HTML page with a plot.
+"""Gate reports: ``gate.json`` (the machine-readable contract), and for people Markdown and a
+self-contained HTML page with a plot.
 
-Both are generated from ``gate.json`` (and ``run.json`` for run metadata), so
-``optimize report RUN_DIR`` can regenerate them at any time.
+All three are written from the typed :class:`~optimizer.evaluation.verdict.Verdict` and a
+flat ``meta`` mapping (suite, what was evaluated, baseline, timings); ``gate.json`` holds
+both, so ``optimize report RUN_DIR`` can regenerate the other two at any time.
 """
 
 from __future__ import annotations
@@ -11,33 +13,38 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from optimizer.evaluation.verdict import MetricVerdict, Verdict
+
+if TYPE_CHECKING:
+    from optimizer.evaluation import Judgement
 
 VERDICT_MARK = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE"}
 
 
-def _fmt_threshold(m: dict[str, Any]) -> str:
-    t = m["threshold"]
+def _fmt_threshold(m: MetricVerdict) -> str:
+    t = m.threshold
     if "max_drop" in t:
         return f"drop ≤ {t['max_drop']:.3f}"
     if "max_relative_drop" in t:
-        return f"drop ≤ {100 * t['max_relative_drop']:.1f} % ({m.get('allowed_drop', 0):.3f})"
+        return f"drop ≤ {100 * t['max_relative_drop']:.1f} % ({m.allowed_drop or 0:.3f})"
     return f"≥ {t['min_value']:.3f}"
 
 
-def _rows(gate: dict[str, Any]) -> list[list[str]]:
+def _rows(gate: Verdict) -> list[list[str]]:
     rows = []
-    for m in gate["metrics"]:
-        lo, hi = m["delta_ci95"]
+    for m in gate.metrics:
+        lo, hi = m.delta_ci95
         rows.append(
             [
-                m["metric"],
-                str(m["n"]),
-                f"{m['baseline']:.4f}",
-                f"{m['candidate']:.4f}",
-                f"{m['delta']:+.4f} [{lo:+.4f}, {hi:+.4f}]",
+                m.metric,
+                str(m.n),
+                f"{m.baseline:.4f}",
+                f"{m.candidate:.4f}",
+                f"{m.delta:+.4f} [{lo:+.4f}, {hi:+.4f}]",
                 _fmt_threshold(m),
-                VERDICT_MARK[m["verdict"]],
+                VERDICT_MARK[m.verdict],
             ]
         )
     return rows
@@ -46,31 +53,31 @@ def _rows(gate: dict[str, Any]) -> list[list[str]]:
 HEADER = ["metric", "docs", "baseline", "candidate", "delta [95 % CI]", "threshold", "verdict"]
 
 
-def plot_png(gate: dict[str, Any]) -> bytes:
+def plot_png(gate: Verdict) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = gate["metrics"]
-    names = [m["metric"].removeprefix("local_") for m in metrics]
+    metrics = gate.metrics
+    names = [m.metric.removeprefix("local_") for m in metrics]
     x = range(len(metrics))
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(metrics)), 3.6), dpi=110)
     width = 0.38
     ax.bar(
         [i - width / 2 for i in x],
-        [m["baseline"] for m in metrics],
+        [m.baseline for m in metrics],
         width,
         label="baseline",
         color="#8da0cb",
     )
     ax.bar(
         [i + width / 2 for i in x],
-        [m["candidate"] for m in metrics],
+        [m.candidate for m in metrics],
         width,
         label="candidate",
-        color=["#66c2a5" if m["verdict"] == "pass" else "#fc8d62" for m in metrics],
-        yerr=[1.96 * m["delta_stderr"] for m in metrics],
+        color=["#66c2a5" if m.verdict == "pass" else "#fc8d62" for m in metrics],
+        yerr=[1.96 * m.delta_stderr for m in metrics],
         capsize=3,
     )
     ax.set_xticks(list(x), names, rotation=15)
@@ -85,28 +92,28 @@ def plot_png(gate: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def markdown(gate: dict[str, Any], meta: dict[str, Any]) -> str:
-    status = "PASSED" if gate["passed"] else "FAILED"
+def markdown(gate: Verdict, meta: dict[str, Any]) -> str:
+    status = "PASSED" if gate.passed else "FAILED"
     lines = [f"# Accuracy gate: {status}", ""]
-    if gate["failing"]:
-        lines += [f"Failing: {', '.join(gate['failing'])}", ""]
+    if gate.failing:
+        lines += [f"Failing: {', '.join(gate.failing)}", ""]
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(gate)]
-    lines += ["", f"Rule: {gate['rule']}; inconclusive counts as {gate['on_inconclusive']}.", ""]
-    for m in gate["metrics"]:
-        lines.append(f"- {m['metric']}: {m['verdict']} — {m['reason']}")
+    lines += ["", f"Rule: {gate.rule}; inconclusive counts as {gate.on_inconclusive}.", ""]
+    for m in gate.metrics:
+        lines.append(f"- {m.metric}: {m.verdict} — {m.reason}")
     lines += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in meta.items()]
     return "\n".join(lines) + "\n"
 
 
-def html_page(gate: dict[str, Any], meta: dict[str, Any]) -> str:
-    status = "PASSED" if gate["passed"] else "FAILED"
-    color = "#1a7f37" if gate["passed"] else "#cf222e"
+def html_page(gate: Verdict, meta: dict[str, Any]) -> str:
+    status = "PASSED" if gate.passed else "FAILED"
+    color = "#1a7f37" if gate.passed else "#cf222e"
     png = base64.b64encode(plot_png(gate)).decode()
     head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
     body = ""
-    for r, m in zip(_rows(gate), gate["metrics"], strict=True):
-        cls = m["verdict"]
+    for r, m in zip(_rows(gate), gate.metrics, strict=True):
+        cls = m.verdict
         body += (
             "<tr class='"
             + cls
@@ -115,8 +122,7 @@ def html_page(gate: dict[str, Any], meta: dict[str, Any]) -> str:
             + "</tr>\n"
         )
     reasons = "".join(
-        f"<li><b>{html.escape(m['metric'])}</b>: {html.escape(m['reason'])}</li>"
-        for m in gate["metrics"]
+        f"<li><b>{html.escape(m.metric)}</b>: {html.escape(m.reason)}</li>" for m in gate.metrics
     )
     metadata_rows = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
@@ -138,21 +144,50 @@ tr.inconclusive td:last-child {{ color: #9a6700; font-weight: bold; }}
 <table id="metrics"><thead><tr>{head}</tr></thead><tbody>
 {body}</tbody></table>
 <img id="plot" alt="accuracy per task, baseline vs candidate" src="data:image/png;base64,{png}">
-<p>Rule: {html.escape(gate["rule"])}; inconclusive counts as {html.escape(gate["on_inconclusive"])}.</p>
+<p>Rule: {html.escape(gate.rule)}; inconclusive counts as {html.escape(gate.on_inconclusive)}.</p>
 <ul>{reasons}</ul>
 <h2>Run</h2><table id="meta">{metadata_rows}</table>
 </body></html>
 """
 
 
-def write_reports(directory: Path, gate: dict[str, Any], meta: dict[str, Any]) -> None:
-    (directory / "gate.json").write_text(json.dumps({**gate, "meta": meta}, indent=2) + "\n")
+def run_meta(judgement: Judgement, *, evaluated: str, recipe: str) -> dict[str, Any]:
+    """The ``meta`` of ``gate.json`` and the reports' "Run" section."""
+    return {
+        "suite": judgement.suite,
+        "evaluated": evaluated,
+        "baseline_model": judgement.baseline_model,
+        "baseline_cached": judgement.baseline_cached,
+        "baseline_seconds": round(judgement.baseline_seconds, 1),
+        "candidate_seconds": round(judgement.candidate_seconds, 1),
+        "recipe": recipe,
+    }
+
+
+def write_reports(directory: Path, gate: Verdict, meta: dict[str, Any]) -> None:
+    """``gate.json``, ``report.md`` and ``report.html`` into ``directory``."""
+    (directory / "gate.json").write_text(
+        json.dumps({**gate.to_json(), "meta": meta}, indent=2) + "\n"
+    )
+    _write_pages(directory, gate, meta)
+
+
+def _write_pages(directory: Path, gate: Verdict, meta: dict[str, Any]) -> None:
     (directory / "report.md").write_text(markdown(gate, meta))
     (directory / "report.html").write_text(html_page(gate, meta))
 
 
+def read_gate(path: Path) -> tuple[Verdict, dict[str, Any]]:
+    """A ``gate.json``: the verdict and its ``meta``."""
+    data = json.loads(path.read_text())
+    meta = data.pop("meta", {})
+    return Verdict.model_validate(data), meta
+
+
 def regenerate(run_dir: Path) -> Path:
     """Rewrite report.md / report.html of a run from its gate.json (``optimize report``)."""
+    from pydantic import ValidationError
+
     from optimizer.errors import OptimizerError
 
     try:
@@ -164,7 +199,9 @@ def regenerate(run_dir: Path) -> Path:
         raise OptimizerError(
             f"{run_dir}: this run has no gate result (run a recipe with a gate stage)"
         )
-    gate = json.loads(Path(gate_file).read_text())
-    meta = gate.pop("meta", {})
-    write_reports(Path(gate_file).parent, gate, meta)
+    try:
+        gate, meta = read_gate(Path(gate_file))
+    except (OSError, ValueError, ValidationError) as e:
+        raise OptimizerError(f"{gate_file} is not a readable gate result ({e})") from None
+    _write_pages(Path(gate_file).parent, gate, meta)
     return Path(gate_file).parent / "report.html"

@@ -1,0 +1,320 @@
+"""What the gate can evaluate: a :class:`Candidate` is something lm-eval can score.
+
+Targets, by the name a recipe or a flag uses (:data:`TARGETS`):
+
+- ``model``: a model in memory (the pipeline's fake-quantized model), evaluated as it is;
+- ``checkpoint``: a Hugging Face checkpoint directory, loaded with ``optimizer.models.
+  load_model`` (ModelOpt state restored where it was saved with it) and its fake-quantized
+  weights folded in;
+- ``endpoint``: a served model behind an OpenAI-compatible ``/v1/completions`` endpoint
+  (e.g. ``trtllm-serve``), scored by lm-eval's completions client.
+
+A candidate refuses what it cannot evaluate faithfully as early as possible: its
+constructor refuses what can be seen on disk (no config.json; a ModelOpt unified HF export,
+see :func:`checkpoint_problem`), and :meth:`Candidate.check`, which
+:func:`optimizer.evaluation.evaluate_and_judge` calls before evaluating the baseline, what
+needs a request (an endpoint without prompt logprobs). Loglikelihood tasks need the
+log-probability of every prompt token (``echo`` with ``logprobs``); servers that do not
+return them make lm-eval score every choice alike with no error (trtllm-serve's completions
+endpoint is one), so :func:`probe_prompt_logprobs` asks once.
+
+A new target (a TensorRT-LLM engine run in-process, say) is one more :class:`Candidate`
+subclass and one more :data:`TARGETS` entry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from optimizer.errors import OptimizerError
+from optimizer.registry import Registry
+
+if TYPE_CHECKING:
+    from optimizer.evaluation.baseline import BaselineRef
+    from optimizer.evaluation.harness import Scorable
+    from optimizer.evaluation.suite import Suite
+
+log = logging.getLogger(__name__)
+
+
+class Candidate(ABC):
+    """Something lm-eval can score, evaluated like ``baseline`` (its compute dtype and
+    tokenizer) unless it says otherwise."""
+
+    def check(self, baseline: BaselineRef) -> None:  # noqa: B027 (optional hook)
+        """Raise :class:`OptimizerError` if this candidate cannot be evaluated faithfully.
+        Cheap (no model load); called before the baseline is evaluated."""
+
+    @abstractmethod
+    def load(self, suite: Suite, baseline: BaselineRef) -> Scorable:
+        """An lm-eval ``LM``, or a ``(model, tokenizer)`` pair (see ``harness.score_suite``).
+        What it returns is the caller's to drop after scoring."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line for logs."""
+
+
+# --------------------------------------------------------------------------- in memory
+
+
+class ModelCandidate(Candidate):
+    """A model in memory, evaluated as it is (shared with its owner: never modified)."""
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def load(self, suite: Suite, baseline: BaselineRef) -> Scorable:
+        return self.model, self.tokenizer
+
+    def describe(self) -> str:
+        return "the in-memory model"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint directory ``path`` cannot be evaluated by loading it with
+    transformers, or None."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return f"{path} is not a checkpoint directory (no config.json)"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        return f"{config_file} is not readable JSON ({e})"
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    markers = []
+    if (path / "hf_quant_config.json").is_file():
+        markers.append("hf_quant_config.json")
+    if isinstance(quant, dict) and quant.get("quant_method") == "modelopt":
+        markers.append("config.json quantization_config.quant_method 'modelopt'")
+    if not markers:
+        return None
+    return (
+        f"{path} is a ModelOpt-quantized unified Hugging Face checkpoint (it has "
+        f"{' and '.join(markers)}: what export's hf_checkpoint writes). It cannot be gated by "
+        "loading it: transformers ignores that quantization config and drops the scale "
+        "tensors, so the model it loads is not the quantized model (an FP8 export loads with "
+        "warnings only and agrees with the real quantized model on 0.2 % of next-token "
+        "argmaxes; INT4/NVFP4 exports fail with shape errors). Gate the pipeline's model "
+        "instead: a gate stage in the recipe (evaluate: model, or evaluate: checkpoint, which "
+        "reloads the run's saved stage model with its ModelOpt state), or `optimize gate "
+        "--candidate RUN_DIR/stages/NN-<stage>/model` (saved with modelopt_state.pth). "
+        "Reconstructing the quantized model from an exported checkpoint is not supported yet"
+    )
+
+
+class CheckpointCandidate(Candidate):
+    """A Hugging Face checkpoint directory: plain weights, or saved with ModelOpt state
+    (``modelopt_state.pth``, restored by ``optimizer.models.load_model``). A ModelOpt
+    unified HF export is refused at construction (:func:`checkpoint_problem`).
+
+    ``dtype`` defaults to the baseline's compute dtype, ``tokenizer`` (a directory or a
+    loaded tokenizer) to the baseline's. ``fold``: bake fake-quantized weights in after
+    loading (:func:`fold_fake_quant_weights`; the loaded model is the gate's own)."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        dtype: str | None = None,
+        tokenizer: Any = None,
+        trust_remote_code: bool = False,
+        fold: bool = True,
+    ):
+        self.path = Path(path).expanduser()
+        self.dtype = dtype
+        self.tokenizer = tokenizer
+        self.trust_remote_code = trust_remote_code
+        self.fold = fold
+        problem = checkpoint_problem(self.path)
+        if problem:
+            raise OptimizerError(problem)
+
+    def load(self, suite: Suite, baseline: BaselineRef) -> Scorable:
+        from optimizer import models
+
+        dtype = self.dtype or baseline.compute_dtype
+        log.info("loading %s (%s)", self.path, dtype)
+        model = models.load_model(self.path, dtype, self.trust_remote_code)
+        if self.fold:
+            fold_fake_quant_weights(model)
+        tokenizer = self.tokenizer if self.tokenizer is not None else baseline.path
+        if isinstance(tokenizer, str | Path):
+            tokenizer = models.load_tokenizer(Path(tokenizer), self.trust_remote_code)
+        return model, tokenizer
+
+    def describe(self) -> str:
+        return str(self.path)
+
+
+def fold_fake_quant_weights(model) -> int:
+    """Bake fake-quantized weights into the weights of a model the gate owns (ModelOpt's
+    ``fold_weight``): the same numbers in float32 (ModelOpt quantizes a weight in float32 and
+    casts back, so a bf16 model may differ in the last bit), without re-quantizing every
+    weight on every forward (about 15 % of a CPU evaluation). Returns the layers folded."""
+    quantized = [
+        m
+        for m in model.modules()
+        if getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)
+    ]
+    # Folding writes into the weight tensor: a quantized lm_head tied to the embeddings would
+    # quantize the embeddings too. Such a model is evaluated unfolded.
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        weight = getattr(m, "weight", None)
+        if weight is not None and hasattr(weight, "data_ptr"):
+            owners[weight.data_ptr()] = owners.get(weight.data_ptr(), 0) + 1
+    if any(owners.get(m.weight.data_ptr(), 0) > 1 for m in quantized):
+        return 0
+    folded = len(quantized)
+    if folded:
+        import modelopt.torch.quantization as mtq
+
+        mtq.fold_weight(model)
+    return folded
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+def probe_prompt_logprobs(
+    base_url: str, model: str, token_ids: list[int], timeout: float = 30
+) -> str | None:
+    """None if the endpoint returns one logprob per prompt token, else why not."""
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": token_ids,
+            "max_tokens": 1,
+            "echo": True,
+            "logprobs": 1,
+            "temperature": 0,
+        }
+    ).encode()
+    request = urllib.request.Request(
+        base_url, data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            payload = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return f"the probe request to {base_url} failed: {e}"
+    try:
+        logprobs = payload["choices"][0].get("logprobs") or {}
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return "the endpoint's answer has no choices"
+    token_logprobs = logprobs.get("token_logprobs") or []
+    # The first prompt token has no context, so servers report None for it.
+    known = [x for x in token_logprobs[: len(token_ids)] if x is not None]
+    if len(token_logprobs) < len(token_ids) or len(known) < len(token_ids) - 1:
+        return (
+            f"the endpoint returned {len(known)} prompt-token logprobs for a {len(token_ids)}-token "
+            "prompt (echo + logprobs unsupported)"
+        )
+    return None
+
+
+def endpoint_lm(base_url: str, model: str, tokenizer: str, batch_size: int, max_length: int) -> Any:
+    """lm-eval's completions client, set up to match HFLM's tokenisation."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    return LocalCompletionsAPI(
+        base_url=base_url,
+        model=model,
+        tokenizer=tokenizer,
+        tokenizer_backend="huggingface",
+        tokenized_requests=True,
+        add_bos_token=True,
+        batch_size=batch_size,
+        max_length=max_length,
+        num_concurrent=1,
+    )
+
+
+PROBE_TEXT = "The capital of France is Paris."
+
+
+class EndpointCandidate(Candidate):
+    """A served model (``base_url``: the full completions URL; ``model``: the name the server
+    expects), tokenised with ``tokenizer`` (a directory; default: the baseline's)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        tokenizer: Path | str | None = None,
+        timeout: float = 30,
+    ):
+        if not base_url.startswith(("http://", "https://")):
+            raise OptimizerError(f"endpoint {base_url!r} is not an http(s) URL")
+        self.base_url = base_url
+        self.model = model
+        self.tokenizer = tokenizer
+        self.timeout = timeout
+        self._probed = False
+
+    def _tokenizer(self, baseline: BaselineRef) -> str:
+        return str(self.tokenizer if self.tokenizer is not None else baseline.path)
+
+    def check(self, baseline: BaselineRef) -> None:
+        if self._probed:
+            return
+        from optimizer import models
+
+        tokenizer = models.load_tokenizer(
+            Path(self._tokenizer(baseline)), baseline.trust_remote_code
+        )
+        reason = probe_prompt_logprobs(
+            self.base_url, self.model, tokenizer(PROBE_TEXT)["input_ids"], self.timeout
+        )
+        if reason:
+            raise OptimizerError(
+                f"endpoint {self.base_url} cannot be gated on loglikelihood tasks: {reason}. "
+                "lm-eval would silently score every choice alike; serve a backend that returns "
+                "prompt logprobs, or evaluate the checkpoint instead (evaluate: checkpoint)"
+            )
+        self._probed = True
+
+    def load(self, suite: Suite, baseline: BaselineRef) -> Scorable:
+        self.check(baseline)
+        return endpoint_lm(
+            self.base_url,
+            self.model,
+            self._tokenizer(baseline),
+            suite.batch_size,
+            suite.max_length,
+        )
+
+    def describe(self) -> str:
+        return f"endpoint {self.base_url} ({self.model})"
+
+
+# --------------------------------------------------------------------------- the factory
+
+#: Evaluation targets by name; entries are imported on first use.
+TARGETS: Registry[type[Candidate]] = Registry(
+    "evaluation target",
+    {
+        "model": "optimizer.evaluation.candidates:ModelCandidate",
+        "checkpoint": "optimizer.evaluation.candidates:CheckpointCandidate",
+        "endpoint": "optimizer.evaluation.candidates:EndpointCandidate",
+    },
+)
+
+
+def make_candidate(target: str, /, *args: Any, **options: Any) -> Candidate:
+    """The candidate of evaluation target ``target`` (``model``, ``checkpoint``,
+    ``endpoint``), built from ``options``; refusals visible on disk raise
+    :class:`OptimizerError` here, before anything is evaluated."""
+    return TARGETS.get(target)(*args, **options)

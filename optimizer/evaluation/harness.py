@@ -1,0 +1,205 @@
+"""lm-eval in-process: per-document scores of a model (or a served model's client) on a suite.
+
+Local tasks ship as package data in ``optimizer/resources/evals/tasks`` (offline copies of
+real benchmarks, see optimizer/resources/evals/README.md); any built-in lm-eval task name
+works too where the hub is reachable. Settings that change
+scores (max_length, float32 softmax, batch size) are pinned so that a baseline and a
+candidate are evaluated identically. lm-eval's response cache is never used: it is keyed by
+request, not by model, so a candidate could be served the baseline's answers.
+
+The library leaves process-wide settings alone: the CLI (and the tests) set
+``HF_DATASETS_OFFLINE``; a caller that needs it offline sets it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, RootModel
+
+from optimizer.evaluation.suite import Suite, SuiteTask
+from optimizer.resources import TASKS as LOCAL_TASKS  # the offline task definitions (package data)
+
+#: How loglikelihoods are computed (part of the baseline cache key): shared contexts, see
+#: optimizer/evaluation/prefix_sharing.py.
+SCORING = "prefix-sharing-v1"
+
+#: What :func:`score_suite` scores: an lm-eval ``LM`` (e.g. a served model's client), or a
+#: ``(model, tokenizer)`` pair of a Hugging Face model, wrapped in the prefix-sharing HFLM.
+Scorable = Any
+
+
+def mean_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n))."""
+    n = len(values)
+    if not n:
+        raise ValueError("no values")
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
+    return mean, math.sqrt(var / n)
+
+
+class TaskScores(BaseModel):
+    """One metric of one task, per document (``{task}:{doc_id}`` -> score) and summarised."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    value: float
+    stderr: float
+    n: int
+    docs: dict[str, float]
+    #: lm-eval's hash of each document's content, to tell that two evaluations scored the
+    #: same document (None where lm-eval gives none).
+    doc_hashes: dict[str, str | None] = {}
+
+    @classmethod
+    def from_docs(
+        cls, docs: dict[str, float], doc_hashes: dict[str, str | None] | None = None
+    ) -> TaskScores:
+        value, stderr = mean_stderr(list(docs.values()))
+        return cls(value=value, stderr=stderr, n=len(docs), docs=docs, doc_hashes=doc_hashes or {})
+
+
+class SuiteScores(RootModel[dict[str, TaskScores]]):
+    """Scores per suite metric (``task/metric`` -> :class:`TaskScores`); serialises as that
+    mapping (the baseline cache's format)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    def __getitem__(self, key: str) -> TaskScores:
+        return self.root[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.root
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]
+        return iter(self.root)
+
+    def __len__(self) -> int:
+        return len(self.root)
+
+    def items(self):
+        return self.root.items()
+
+    def means(self) -> dict[str, float]:
+        """Each metric's mean score."""
+        return {k: v.value for k, v in self.root.items()}
+
+
+def task_fingerprint(task: str, include_path: Path | None = LOCAL_TASKS) -> str:
+    """Identity of a task's prompts and data: its YAML, helpers and data files (local tasks),
+    or its name (built-in lm-eval tasks, versioned by the lm-eval version in the cache key)."""
+    h = hashlib.sha256(task.encode())
+    if include_path is not None and include_path.is_dir():
+        for f in sorted(include_path.glob("*")):
+            if f.is_file():
+                h.update(f.name.encode() + f.read_bytes())
+        data = include_path.parent / "data"
+        for f in sorted(data.glob("*.jsonl")) if data.is_dir() else []:
+            h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def hf_lm(model: Any, tokenizer: Any, *, batch_size: int, max_length: int) -> Any:
+    """lm-eval's HFLM around an in-memory model, scoring shared contexts once."""
+    from optimizer.evaluation.prefix_sharing import PrefixSharingHFLM
+
+    return PrefixSharingHFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        max_length=max_length,
+        softmax_dtype="float32",
+    )
+
+
+def evaluate_tasks(
+    lm: Any,
+    tasks: list[str],
+    *,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    include_path: Path | None = LOCAL_TASKS,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """One ``lm_eval.simple_evaluate`` with the pinned settings; returns ``{"results": {task:
+    {metric: value, metric_stderr: value}}, "samples": {task: [...]}}`` (samples only with
+    ``log_samples``)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(
+        include_path=str(include_path) if include_path else None,
+        # lm-eval's own tasks (hub data) only when asked for: indexing them costs seconds.
+        include_defaults=include_path is None or any(not t.startswith("local_") for t in tasks),
+    )
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        log_samples=log_samples,
+        use_cache=None,
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
+    )
+    results: dict[str, dict[str, float | None]] = {}
+    for task, metrics in out["results"].items():
+        clean: dict[str, float | None] = {}
+        for key, value in metrics.items():
+            if "," not in key:
+                continue
+            name = key.split(",")[0]
+            try:
+                number = float(value)
+            except (TypeError, ValueError):  # lm-eval writes "N/A" for unavailable stderr
+                number = None
+            clean[name] = None if number is None or math.isnan(number) else number
+        results[task] = clean
+    return {"results": results, "samples": out.get("samples", {}) if log_samples else {}}
+
+
+def score_suite(
+    target: Scorable, suite: Suite, *, include_path: Path | None = LOCAL_TASKS
+) -> SuiteScores:
+    """Per-document scores of every suite metric. ``target`` is an lm-eval ``LM`` or a
+    ``(model, tokenizer)`` pair; tasks with the same limit and shots share one lm-eval run."""
+    if isinstance(target, tuple):
+        model, tokenizer = target
+        lm = hf_lm(model, tokenizer, batch_size=suite.batch_size, max_length=suite.max_length)
+    else:
+        lm = target
+    groups: dict[tuple, list[SuiteTask]] = {}
+    for t in suite.tasks:
+        groups.setdefault(suite.settings(t), []).append(t)
+    out: dict[str, TaskScores] = {}
+    for (limit, shots), tasks in groups.items():
+        res = evaluate_tasks(
+            lm,
+            sorted({t.task for t in tasks}),
+            limit=limit,
+            num_fewshot=shots,
+            include_path=include_path,
+            log_samples=True,
+        )
+        for t in tasks:
+            docs: dict[str, float] = {}
+            hashes: dict[str, str | None] = {}
+            for task_name, samples in res["samples"].items():
+                if task_name != t.task and not task_name.startswith(f"{t.task}_"):
+                    continue  # a group (local_mmlu) reports its subtasks' samples
+                for s in samples:
+                    key = f"{task_name}:{s['doc_id']}"
+                    docs[key] = float(s[t.metric])
+                    hashes[key] = s.get("doc_hash")
+            if not docs:
+                raise RuntimeError(f"lm-eval returned no per-document {t.metric} for {t.task}")
+            out[t.key] = TaskScores.from_docs(docs, hashes)
+    return SuiteScores(out)

@@ -1,0 +1,114 @@
+"""Evaluation suites (``evals/suites/*.yaml``): tasks, metrics, limits, shots, thresholds.
+
+A suite is immutable; :func:`apply_overrides` makes the copy a gate or ``optimize gate``
+asks for (another limit, other absolute-drop thresholds), and :meth:`Suite.settings` is the
+one place that says which limit and number of shots a task is evaluated with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from optimizer.errors import OptimizerError
+
+
+class Threshold(BaseModel):
+    """One rule per metric: an absolute drop, a relative drop, or a floor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_drop: float | None = Field(
+        None, ge=0, description="allowed baseline - candidate (absolute)"
+    )
+    max_relative_drop: float | None = Field(None, ge=0, lt=1, description="allowed drop / baseline")
+    min_value: float | None = Field(None, description="the candidate must score at least this")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        if sum(v is not None for v in (self.max_drop, self.max_relative_drop, self.min_value)) != 1:
+            raise ValueError("set exactly one of max_drop, max_relative_drop, min_value")
+        return self
+
+
+class SuiteTask(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str
+    metric: str = "acc"
+    limit: int | None = Field(None, gt=0)
+    num_fewshot: int | None = Field(None, ge=0)
+
+    @property
+    def key(self) -> str:
+        """The metric's name in scores, verdicts and thresholds: ``task/metric``."""
+        return f"{self.task}/{self.metric}"
+
+
+class TaskSettings(NamedTuple):
+    """How a task is evaluated: documents (None: all) and few-shot examples (None: the
+    task's default)."""
+
+    limit: int | None
+    num_fewshot: int | None
+
+
+class Suite(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str | None = None
+    limit: int | None = Field(None, gt=0, description="docs per task unless the task sets its own")
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(16, gt=0)
+    max_length: int = Field(2048, gt=0)
+    tasks: list[SuiteTask] = Field(min_length=1)
+    thresholds: dict[str, Threshold] = Field(
+        default_factory=lambda: {"default": Threshold(max_drop=0.01)}
+    )
+
+    def threshold_for(self, key: str) -> Threshold:
+        return (
+            self.thresholds.get(key) or self.thresholds.get("default") or Threshold(max_drop=0.01)
+        )
+
+    def settings(self, task: SuiteTask) -> TaskSettings:
+        """The task's effective limit and shots: its own where set, else the suite's."""
+        return TaskSettings(
+            task.limit or self.limit,
+            task.num_fewshot if task.num_fewshot is not None else self.num_fewshot,
+        )
+
+
+def load_suite(path: Path) -> Suite:
+    import yaml
+
+    try:
+        return Suite.model_validate(yaml.safe_load(Path(path).read_text()))
+    except FileNotFoundError:
+        raise OptimizerError(f"suite file not found: {path}") from None
+    except Exception as e:  # yaml or pydantic: either way the suite file is wrong
+        raise OptimizerError(f"invalid suite {path}: {e}") from None
+
+
+def apply_overrides(
+    suite: Suite, *, limit: int | None = None, max_drop: dict[str, float] | None = None
+) -> Suite:
+    """``suite`` with a gate's overrides: ``limit`` documents for every task (tasks' own
+    limits included), and absolute-drop thresholds by ``task/metric`` or ``default``
+    replacing the suite's for those keys."""
+    updates: dict = {}
+    if limit is not None:
+        if limit <= 0:
+            raise OptimizerError(f"limit must be a positive number of documents, not {limit}")
+        updates["limit"] = limit
+        updates["tasks"] = [t.model_copy(update={"limit": None}) for t in suite.tasks]
+    if max_drop:
+        try:
+            overrides = {k: Threshold(max_drop=v) for k, v in max_drop.items()}
+        except ValidationError as e:
+            raise OptimizerError(f"max_drop {max_drop}: {e.errors()[0]['msg']}") from None
+        updates["thresholds"] = {**suite.thresholds, **overrides}
+    return suite.model_copy(update=updates)

@@ -1,0 +1,134 @@
+"""Evaluation targets: what the factory accepts, and the ModelOpt unified HF export it refuses
+before any evaluation starts."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from tiny import REPO
+
+from optimizer.cli import main
+from optimizer.errors import OptimizerError
+from optimizer.evaluation import TARGETS, CheckpointCandidate, make_candidate
+from optimizer.registry import UnknownName
+
+REFUSAL = "is a ModelOpt-quantized unified Hugging Face checkpoint"
+
+
+def test_targets_are_registered_by_name():
+    assert TARGETS.names() == ["checkpoint", "endpoint", "model"]
+    assert TARGETS.get("checkpoint") is CheckpointCandidate
+    with pytest.raises(UnknownName, match="did you mean 'checkpoint'"):
+        make_candidate("chekpoint", REPO)
+
+
+def test_factory_refuses_a_unified_hf_export_at_construction(quantized_run, tmp_path):
+    export = quantized_run / "hf_checkpoint"
+    assert (export / "hf_quant_config.json").is_file()  # what ModelOpt's exporter writes
+    with pytest.raises(OptimizerError, match=REFUSAL) as refused:
+        make_candidate("checkpoint", export)
+    message = str(refused.value)
+    assert "hf_quant_config.json and config.json quantization_config.quant_method" in message
+    assert "drops the scale tensors" in message and "evaluate: checkpoint" in message
+    # Either marker alone is enough.
+    only_config = shutil.copytree(export, tmp_path / "only-config")
+    (only_config / "hf_quant_config.json").unlink()
+    with pytest.raises(OptimizerError, match="it has config.json quantization_config"):
+        make_candidate("checkpoint", only_config)
+    only_file = shutil.copytree(export, tmp_path / "only-file")
+    config = json.loads((only_file / "config.json").read_text())
+    del config["quantization_config"]
+    (only_file / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OptimizerError, match="it has hf_quant_config.json:"):
+        make_candidate("checkpoint", only_file)
+    with pytest.raises(OptimizerError, match="not a checkpoint directory"):
+        make_candidate("checkpoint", tmp_path)
+
+
+def test_factory_accepts_plain_and_modelopt_state_checkpoints(tiny_llama, quantized_run):
+    """A bf16 checkpoint and the PTQ stage's save (ModelOpt state) load; the latter as the
+    quantized model, its fake-quant weights folded in."""
+    from optimizer.evaluation import BaselineRef, Suite, SuiteTask
+
+    suite = Suite(name="s", tasks=[SuiteTask(task="local_arc_easy")])
+    ref = BaselineRef(path=tiny_llama, fingerprint="x", dtype="bfloat16", compute_dtype="float32")
+    saved = quantized_run / "stages" / "00-ptq" / "model"
+    assert (saved / "modelopt_state.pth").is_file()
+    for path, quantizers in ((tiny_llama, 0), (saved, 14)):  # 7 linears x 2 layers
+        model, tokenizer = make_candidate("checkpoint", path).load(suite, ref)
+        active = [
+            m
+            for m in model.modules()
+            if getattr(getattr(m, "input_quantizer", None), "is_enabled", False)
+        ]
+        assert len(active) == quantizers
+        assert not any(m.weight_quantizer.is_enabled for m in active)  # folded
+        assert next(model.parameters()).dtype.is_floating_point and tokenizer.eos_token
+
+
+def test_optimize_gate_refuses_a_unified_export_before_anything_heavy(
+    tiny_llama, quantized_run, tmp_path
+):
+    """Exit 2 with the reason and no traceback, before torch is even imported: no baseline
+    was evaluated (no cache entry), no run directory was written."""
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: s\nlimit: 10\ntasks:\n  - {task: local_arc_easy, metric: acc}\n")
+    out, cache = tmp_path / "gate", tmp_path / "cache"
+    args = [
+        "gate",
+        "--baseline",
+        str(tiny_llama),
+        "--candidate",
+        str(quantized_run / "hf_checkpoint"),
+        "--suite",
+        str(suite),
+        "-o",
+        str(out),
+    ]
+    code = (
+        f"import sys, optimizer.cli as c\nrc = c.main({args!r})\n"
+        "heavy = [m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules]\n"
+        "print('rc', rc, 'heavy', heavy)\n"
+    )
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OPTIMIZER_CACHE_DIR": str(cache)},
+    )
+    seconds = time.time() - t0
+    assert proc.stdout.strip().splitlines()[-1] == "rc 2 heavy []", proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: {quantized_run / 'hf_checkpoint'} {REFUSAL}")
+    assert not cache.exists() and not out.exists()
+    assert seconds < 30  # an interpreter start and a few file reads
+
+
+def test_gate_stage_refuses_a_unified_export_before_the_baseline(
+    tiny_llama, quantized_run, tmp_path, monkeypatch, capsys
+):
+    from optimizer.evaluation import harness
+
+    def never(*args, **kwargs):
+        raise AssertionError("something was evaluated")
+
+    monkeypatch.setattr(harness, "score_suite", never)
+    monkeypatch.setenv("OPTIMIZER_CACHE_DIR", str(tmp_path / "cache"))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: s\nlimit: 10\ntasks:\n  - {task: local_arc_easy, metric: acc}\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: g\nmodel: {{source: {tiny_llama}}}\nstages:\n"
+        f"  - gate: {{suite: {suite}, candidate: {quantized_run / 'hf_checkpoint'}}}\n"
+    )
+    assert main(["run", str(recipe), "-o", str(tmp_path / "run"), "-q"]) == 2
+    assert REFUSAL in capsys.readouterr().err
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "failed" and REFUSAL in record["error"]["message"]
+    assert not (tmp_path / "cache" / "baselines").exists()
