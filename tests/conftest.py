@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny import CALIBRATION, REPO, make_tiny_llama  # noqa: E402
+from tiny import CALIBRATION, TINY_FP8_RECIPE, make_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,36 +40,3 @@ def write_recipe(tmp_path, tiny_llama):
         return path
 
     return write
-
-
-TINY_FP8_RECIPE = """\
-name: tiny-fp8
-model:
-  source: {model}
-  dtype: bfloat16
-calibration:
-  dataset: {calib}
-  num_samples: 8
-  seq_len: 64
-  batch_size: 4
-stages:
-  - ptq:
-      format: fp8
-  - export:
-      trtllm_checkpoint: {{tp: 1, pp: 1}}
-      hf_checkpoint: true
-"""
-
-#: The resolved ptq section of TINY_FP8_RECIPE: every default filled in.
-TINY_PTQ_RESOLVED = {
-    "ptq": {
-        "format": "fp8",
-        "modelopt_recipe": None,
-        "algorithm": None,
-        "group_size": None,
-        "kv_cache": "none",
-        "exclude": [],
-    }
-}
-
-__all__ = ["REPO", "CALIBRATION", "TINY_PTQ_RESOLVED"]

@@ -5,8 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_FP8_RECIPE
-from tiny import CALIBRATION
+from tiny import CALIBRATION, TINY_FP8_RECIPE
 
 from optimizer import hardware
 from optimizer.cli import main

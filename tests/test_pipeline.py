@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import TINY_PTQ_RESOLVED
+from tiny import TINY_PTQ_RESOLVED
 
 from optimizer.cli import main
 from optimizer.errors import OptimizerError
@@ -27,8 +27,7 @@ def read_run(run_dir) -> dict:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_llama):
     """One uninterrupted tiny FP8 run, shared by the assertions below."""
-    from conftest import TINY_FP8_RECIPE
-    from tiny import CALIBRATION
+    from tiny import CALIBRATION, TINY_FP8_RECIPE
 
     base = tmp_path_factory.mktemp("finished")
     recipe = base / "recipe.yaml"

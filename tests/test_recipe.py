@@ -1,7 +1,7 @@
 """Recipe schema, YAML line numbers, --set overrides, stage ordering, file checks."""
 
 import pytest
-from conftest import TINY_PTQ_RESOLVED
+from tiny import TINY_PTQ_RESOLVED
 
 from optimizer.errors import OptimizerError, RecipeError
 from optimizer.recipe import load_recipe

@@ -9,6 +9,37 @@ REPO = Path(__file__).resolve().parents[1]
 CALIBRATION = REPO / "optimizer" / "resources" / "calibration" / "python-docs.jsonl"
 
 
+TINY_FP8_RECIPE = """\
+name: tiny-fp8
+model:
+  source: {model}
+  dtype: bfloat16
+calibration:
+  dataset: {calib}
+  num_samples: 8
+  seq_len: 64
+  batch_size: 4
+stages:
+  - ptq:
+      format: fp8
+  - export:
+      trtllm_checkpoint: {{tp: 1, pp: 1}}
+      hf_checkpoint: true
+"""
+
+#: The resolved ptq section of TINY_FP8_RECIPE: every default filled in.
+TINY_PTQ_RESOLVED = {
+    "ptq": {
+        "format": "fp8",
+        "modelopt_recipe": None,
+        "algorithm": None,
+        "group_size": None,
+        "kv_cache": "none",
+        "exclude": [],
+    }
+}
+
+
 def make_tokenizer(vocab_size: int = 512):
     """A small byte-level BPE trained on the shipped calibration text (deterministic)."""
     import json
