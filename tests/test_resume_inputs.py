@@ -80,3 +80,56 @@ def test_editing_the_calibration_data_redoes_the_quantization_and_what_follows(g
     # export and gate read the re-quantized model: their fingerprints follow ptq's
     assert all(a["fingerprint"] != b["fingerprint"] for a, b in zip(after, before, strict=True))
     assert after[2]["inputs"] == before[2]["inputs"]
+
+
+MY_TASK = """\
+task: my_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_editing_a_task_file_of_the_suite_redoes_only_the_gate(tmp_path, tiny_llama, monkeypatch):
+    """A suite may bring its own lm-eval tasks (``tasks_dir``); they are gate inputs."""
+    monkeypatch.setenv("OPTIMIZER_CACHE_DIR", str(tmp_path / "cache"))
+    tasks = tmp_path / "my_tasks"
+    tasks.mkdir()
+    docs = [
+        {"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1)], "label": 0}
+        for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (9, 9)]
+    ]
+    data = tasks / "sums.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tasks / "my_mc.yaml").write_text(MY_TASK.format(data=data))
+    (tmp_path / "suite.yaml").write_text(
+        "name: mine\ntasks_dir: my_tasks\ntasks:\n  - {task: my_mc, metric: acc}\n"
+        "thresholds:\n  default: {max_drop: 1.0}\n"
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"name: tiny\nmodel: {{source: {tiny_llama}}}\n"
+        f"calibration: {{dataset: {CALIBRATION}, num_samples: 4, seq_len: 32, batch_size: 4}}\n"
+        "stages:\n  - ptq: {format: fp8}\n  - export: {}\n  - gate: {suite: suite.yaml}\n"
+    )
+    run_dir = tmp_path / "run"
+    assert main(["run", str(recipe), "-o", str(run_dir), "-q"]) == 0
+    before = read_run(run_dir)["stages"]
+    assert before[2]["metrics"]["my_mc/acc"]["baseline"] is not None  # the task really ran
+    gate = json.loads((run_dir / "report" / "gate.json").read_text())
+    assert gate["metrics"][0]["n"] == len(docs)
+    task_file = tasks / "my_mc.yaml"
+    task_file.write_text(task_file.read_text().replace("Question: ", "Q: "))
+    assert resume(recipe, run_dir) == 0
+    after = read_run(run_dir)["stages"]
+    assert statuses(run_dir) == {"ptq": "skipped", "export": "skipped", "gate": "success"}
+    assert after[2]["inputs"]["suite_tasks"] != before[2]["inputs"]["suite_tasks"]
+    assert after[2]["metrics"]["baseline_cached"] is False  # other prompts: not the old scores

@@ -57,7 +57,7 @@ def baseline_key(
                 "metric": t.metric,
                 "limit": suite.settings(t).limit,
                 "num_fewshot": suite.settings(t).num_fewshot,
-                "config": task_fingerprint(t.task, include_path),
+                "config": task_fingerprint(t.task, include_path, suite.tasks_dir),
             }
             for t in suite.tasks
         ],

@@ -90,10 +90,17 @@ class SuiteScores(RootModel[dict[str, TaskScores]]):
         return {k: v.value for k, v in self.root.items()}
 
 
-def task_fingerprint(task: str, include_path: Path | None = LOCAL_TASKS) -> str:
-    """Identity of a task's prompts and data: its YAML, helpers and data files (local tasks),
-    or its name (built-in lm-eval tasks, versioned by the lm-eval version in the cache key)."""
+def task_fingerprint(
+    task: str, include_path: Path | None = LOCAL_TASKS, suite_tasks: str | None = None
+) -> str:
+    """Identity of a task's prompts and data: its YAML, helpers and data files (local tasks,
+    and a suite's own ``tasks_dir``), or its name (built-in lm-eval tasks, versioned by the
+    lm-eval version in the cache key)."""
     h = hashlib.sha256(task.encode())
+    if suite_tasks is not None:
+        from optimizer.rundir import sha256_tree
+
+        h.update(b"suite tasks:" + sha256_tree(Path(suite_tasks)).encode())
     if include_path is not None and include_path.is_dir():
         for f in sorted(include_path.glob("*")):
             if f.is_file():
@@ -123,7 +130,7 @@ def evaluate_tasks(
     *,
     limit: int | None = None,
     num_fewshot: int | None = None,
-    include_path: Path | None = LOCAL_TASKS,
+    include_path: Path | list[Path] | None = LOCAL_TASKS,
     log_samples: bool = False,
 ) -> dict[str, Any]:
     """One ``lm_eval.simple_evaluate`` with the pinned settings; returns ``{"results": {task:
@@ -132,10 +139,11 @@ def evaluate_tasks(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    paths = [include_path] if isinstance(include_path, Path) else list(include_path or [])
     manager = TaskManager(
-        include_path=str(include_path) if include_path else None,
+        include_path=[str(p) for p in paths] or None,
         # lm-eval's own tasks (hub data) only when asked for: indexing them costs seconds.
-        include_defaults=include_path is None or any(not t.startswith("local_") for t in tasks),
+        include_defaults=not paths or any(not t.startswith("local_") for t in tasks),
     )
     out = lm_eval.simple_evaluate(
         model=lm,
@@ -186,7 +194,7 @@ def score_suite(
             sorted({t.task for t in tasks}),
             limit=limit,
             num_fewshot=shots,
-            include_path=include_path,
+            include_path=[p for p in (include_path, suite.tasks_dir) if p is not None],
             log_samples=True,
         )
         for t in tasks:

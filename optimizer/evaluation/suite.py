@@ -68,6 +68,11 @@ class Suite(BaseModel):
     thresholds: dict[str, Threshold] = Field(
         default_factory=lambda: {"default": Threshold(max_drop=0.01)}
     )
+    tasks_dir: str | None = Field(
+        None,
+        description="a directory of your own lm-eval task YAMLs (with their data), relative to "
+        "the suite file; searched after the shipped tasks",
+    )
 
     def threshold_for(self, key: str) -> Threshold:
         return (
@@ -83,14 +88,21 @@ class Suite(BaseModel):
 
 
 def load_suite(path: Path) -> Suite:
+    """Read a suite file; its ``tasks_dir`` becomes an absolute path (it must exist)."""
     import yaml
 
     try:
-        return Suite.model_validate(yaml.safe_load(Path(path).read_text()))
+        suite = Suite.model_validate(yaml.safe_load(Path(path).read_text()))
     except FileNotFoundError:
         raise OptimizerError(f"suite file not found: {path}") from None
     except Exception as e:  # yaml or pydantic: either way the suite file is wrong
         raise OptimizerError(f"invalid suite {path}: {e}") from None
+    if suite.tasks_dir is not None:
+        tasks_dir = (Path(path).parent / Path(suite.tasks_dir).expanduser()).resolve()
+        if not tasks_dir.is_dir():
+            raise OptimizerError(f"invalid suite {path}: tasks_dir {tasks_dir} is not a directory")
+        suite = suite.model_copy(update={"tasks_dir": str(tasks_dir)})
+    return suite
 
 
 def apply_overrides(

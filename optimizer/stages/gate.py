@@ -98,14 +98,18 @@ class Gate(Stage):
         return plan, problems
 
     def inputs(self, base_dir: Path) -> list[Input]:
-        from optimizer.evaluation import LOCAL_TASKS
+        from optimizer.evaluation import LOCAL_TASKS, load_suite
 
+        suite_file = self.suite_path(base_dir)
         inputs = [
-            file_input("suite", self.suite_path(base_dir)),
+            file_input("suite", suite_file),
             dir_input("tasks", LOCAL_TASKS),
             dir_input("task_data", LOCAL_TASKS.parent / "data"),
             package_input("lm-eval"),
         ]
+        tasks_dir = load_suite(suite_file).tasks_dir  # validated with the recipe
+        if tasks_dir is not None:
+            inputs.append(dir_input("suite_tasks", Path(tasks_dir)))
         if self.candidate is not None:
             inputs.append(checkpoint_input("candidate", Path(self.candidate).expanduser()))
         return inputs
