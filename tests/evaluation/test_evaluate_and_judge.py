@@ -94,6 +94,22 @@ def test_identical_model_passes_and_a_zeroed_one_fails(tiny_llama, arc_suite, tm
     assert relaxed.passed == (m.verdict == "inconclusive")
 
 
+def gate_args(model, suite, out) -> list[str]:
+    """``optimize gate`` of ``model`` against itself on ``suite`` into ``out``."""
+    return [
+        "gate",
+        "--baseline",
+        str(model),
+        "--candidate",
+        str(model),
+        "--suite",
+        str(suite),
+        "-o",
+        str(out),
+        "-q",
+    ]
+
+
 def test_stage_and_cli_go_through_evaluate_and_judge(
     tiny_llama, arc_suite, tmp_path, monkeypatch, calls
 ):
@@ -104,23 +120,7 @@ def test_stage_and_cli_go_through_evaluate_and_judge(
     )
     assert main(["run", str(recipe), "-o", str(tmp_path / "run"), "-q"]) == 0
     out = tmp_path / "gate"
-    assert (
-        main(
-            [
-                "gate",
-                "--baseline",
-                str(tiny_llama),
-                "--candidate",
-                str(tiny_llama),
-                "--suite",
-                str(arc_suite),
-                "-o",
-                str(out),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert main(gate_args(tiny_llama, arc_suite, out)) == 0
     (stage_candidate, by_stage), (cli_candidate, by_cli) = calls
     # The stage's first model is the source checkpoint; the CLI's is the --candidate dir.
     assert isinstance(stage_candidate, CheckpointCandidate) and stage_candidate.path == tiny_llama
@@ -141,22 +141,7 @@ def test_optimize_gate_run_json(tiny_llama, arc_suite, tmp_path, monkeypatch, ca
 
     monkeypatch.setenv("OPTIMIZER_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "gate"
-    args = [
-        "gate",
-        "--baseline",
-        str(tiny_llama),
-        "--candidate",
-        str(tiny_llama),
-        "--suite",
-        str(arc_suite),
-        "-o",
-        str(out),
-        "-q",
-        "--limit",
-        "5",
-        "--max-drop",
-        "default=0.1",
-    ]
+    args = [*gate_args(tiny_llama, arc_suite, out), "--limit", "5", "--max-drop", "default=0.1"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     record = json.loads((out / "run.json").read_text())
