@@ -3,8 +3,9 @@
 Resume rule: a stage is skipped when the previous run recorded it as finished with the same
 *fingerprint* — a hash of its recipe section, the model's identity and dtypes, the inputs it
 declares (calibration data, suite and task files, images, see ``Stage.inputs``), the package
-versions that compute it, and the fingerprint of the last earlier stage whose results later
-stages read — and its recorded outputs are still on disk with the recorded sha256. Because
+versions that compute it, and the fingerprint and committed outputs' sha256 of the last
+earlier stage whose results later stages read — and its recorded outputs are still on disk
+with the recorded sha256. Because
 fingerprints chain, redoing a stage redoes every stage that builds on it; a stage that only
 judges (the gate) is not part of the chain, so editing a gate suite redoes the gate alone.
 
@@ -126,6 +127,13 @@ def stage_fingerprint(
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
+def chain(fingerprint: str, entry: StageRecord) -> str:
+    """What a stage hands to the fingerprints of the stages after it."""
+    outputs = {k: v.sha256 for k, v in (entry.outputs or {}).items()}
+    blob = json.dumps([fingerprint, outputs], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 @contextlib.contextmanager
 def log_to_file(path: Path):
     """The library default for ``capture``: this package's own log records into ``path``
@@ -134,11 +142,14 @@ def log_to_file(path: Path):
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     logger = logging.getLogger("optimizer")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)  # our records reach the file whatever the root level is
     logger.addHandler(handler)
     try:
         yield
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
         handler.close()
 
 
@@ -166,19 +177,23 @@ class Runner:
     # ------------------------------------------------------------------ set-up
 
     def _prepare(self) -> RunRecord | None:
-        previous = self.dir.read()
-        if previous is not None and not (self.resume or self.force):
+        if self.force:
+            # A previous run is replaced even when its run.json is unreadable; a directory
+            # without run.json is not ours to delete.
+            if self.dir.run_json.exists():
+                self.dir.clear()
+            previous = None
+        else:
+            previous = self.dir.read()
+        if previous is not None and not self.resume and self.dir.writer:
             raise OptimizerError(
                 f"{self.dir.path} already holds a run (status: {previous.status}). Use "
                 "--resume to continue it (finished, unchanged stages are kept), --force to "
                 "start over (deletes it), or -o to choose another directory."
             )
-        if self.force and previous is not None:
-            self.dir.clear()
-            previous = None
         self.dir.remove_temporaries()
-        if self.dir.writer:
-            self.dir.logs.mkdir(parents=True, exist_ok=True)
+        # Every rank writes its own log file (run.log on rank 0, run.rankN.log elsewhere).
+        self.dir.logs.mkdir(parents=True, exist_ok=True)
         self.dir.write_text("recipe.yaml", self.recipe.to_yaml())
         return previous
 
@@ -256,14 +271,16 @@ class Runner:
                 fp = stage_fingerprint(
                     stage, recipe, resolved.fingerprint, entry.inputs, upstream, versions, compute
                 )
-                if stage.feeds_later:
-                    upstream = fp
                 entry.fingerprint = fp
                 old = prev_stages[i] if i < len(prev_stages) else None
                 if self._reusable(old, stage, entry):
                     self._reuse(i, stage, old, state)
-                    continue
-                self._run_one(i, stage, state)
+                else:
+                    self._run_one(i, stage, state)
+                if stage.feeds_later:
+                    # Later stages build on what this one made: its inputs and its outputs
+                    # as committed (a redone stage whose output differs redoes them too).
+                    upstream = chain(fp, entry)
             failures = [s.gate_failure for s in self.record.stages if s.gate_failure]
             if failures:
                 self.record.status = "gate_failed"

@@ -44,12 +44,20 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _is_bytecode(path: Path) -> bool:
+    """Python's bytecode cache: written by whoever imports a helper (lm-eval task utilities),
+    never content."""
+    return path.suffix == ".pyc" or "__pycache__" in path.parts
+
+
 def sha256_tree(path: Path) -> str:
-    """Content hash of a file or a directory (relative paths and file contents, sorted)."""
+    """Content hash of a file or a directory (relative paths and file contents, sorted;
+    bytecode caches left out)."""
     if path.is_file():
         return sha256_file(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    files = (p for p in path.rglob("*") if p.is_file() and not _is_bytecode(p.relative_to(path)))
+    for f in sorted(files):
         h.update(f.relative_to(path).as_posix().encode() + b"\0" + sha256_file(f).encode() + b"\n")
     return h.hexdigest()
 

@@ -133,3 +133,32 @@ def test_editing_a_task_file_of_the_suite_redoes_only_the_gate(tmp_path, tiny_ll
     assert statuses(run_dir) == {"ptq": "skipped", "export": "skipped", "gate": "success"}
     assert after[2]["inputs"]["suite_tasks"] != before[2]["inputs"]["suite_tasks"]
     assert after[2]["metrics"]["baseline_cached"] is False  # other prompts: not the old scores
+
+
+def test_bytecode_caches_are_not_content(tmp_path):
+    """lm-eval imports task helpers (loader.py), writing __pycache__ unless
+    PYTHONDONTWRITEBYTECODE is set: that must not make --resume redo the gate."""
+    from optimizer.inputs import dir_input
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "loader.py").write_text("X = 1\n")
+    before = dir_input("tasks", tasks).digest()
+    (tasks / "__pycache__").mkdir()
+    (tasks / "__pycache__" / "loader.cpython-311.pyc").write_bytes(b"\x00bytecode")
+    assert dir_input("tasks", tasks).digest() == before
+    (tasks / "loader.py").write_text("X = 2\n")
+    assert dir_input("tasks", tasks).digest() != before
+
+
+def test_a_stage_redone_for_a_damaged_output_redoes_what_builds_on_a_changed_result(gated_run):
+    recipe, run_dir, _, _ = gated_run
+    before = read_run(run_dir)["stages"]
+    shutil.rmtree(run_dir / "stages" / "00-ptq" / "model")
+    assert resume(recipe, run_dir) == 0
+    after = read_run(run_dir)["stages"]
+    assert after[0]["status"] == "success"  # its recorded output was gone
+    same_model = after[0]["outputs"]["model"]["sha256"] == before[0]["outputs"]["model"]["sha256"]
+    # export reads the model: reused only if the redone ptq committed the very same bytes
+    assert (after[1]["status"] == "skipped") == same_model
+    assert (after[1]["fingerprint"] == before[1]["fingerprint"]) == same_model
