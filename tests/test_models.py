@@ -74,6 +74,5 @@ def test_builtin_is_converted_once_then_reused(builtin_cache, monkeypatch):
         raise AssertionError("the builtin model was converted a second time")
 
     monkeypatch.setattr(models, "_convert_gguf", no_conversion)
-    monkeypatch.setattr(models, "_builtin_gguf", no_conversion)
     again = models.resolve_source("builtin:smollm2-135m-instruct", builtin_cache)
     assert again == first and (again.path / "model.safetensors").stat().st_mtime_ns == mtime
