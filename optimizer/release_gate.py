@@ -110,28 +110,50 @@ def gate_artifact(request: GateRequest, *, capture: Capture = log_to_file) -> Ru
     else:  # probed (with the baseline's tokenizer) before the baseline is evaluated
         candidate = evaluation.make_candidate("endpoint", request.endpoint, request.endpoint_model)
     invocation = _invocation(request, suite_file)
+    # The baseline and the candidate's own check (an endpoint's logprob probe) come before
+    # the run directory is touched: bad input leaves an earlier run as it was.
+    resolved = models.resolve_source(request.baseline, Path.cwd())
+    device = device_info()
+    device["compute_dtype"] = hardware.compute_dtype(
+        request.dtype, request.compute_dtype, cuda=device["cuda"]
+    )
+    baseline = evaluation.BaselineRef(
+        path=resolved.path,
+        fingerprint=resolved.fingerprint,
+        dtype=request.dtype,
+        compute_dtype=device["compute_dtype"],
+    )
+    candidate.check(baseline)
 
     run = RunDirectory(request.output)
     run.lock()
     try:
-        previous = run.read()
-        if previous is not None and not request.force:
-            raise OptimizerError(
-                f"{run.path} already holds a run (status: {previous.status}). Use --force to "
-                "replace it, or -o to choose another directory."
-            )
-        if previous is not None:
-            run.clear()
+        if request.force:
+            if run.run_json.exists():  # replaced even when unreadable; other dirs are not ours
+                run.clear()
+        else:
+            previous = run.read()
+            if previous is not None:
+                raise OptimizerError(
+                    f"{run.path} already holds a run (status: {previous.status}). Use --force "
+                    "to replace it, or -o to choose another directory."
+                )
         run.remove_temporaries()
         run.logs.mkdir(parents=True, exist_ok=True)
         with capture(run.logs / "run.log"):
-            return _judge_into(run, request, invocation, suite, candidate)
+            return _judge_into(run, request, invocation, suite, candidate, baseline, device)
     finally:
         run.unlock()
 
 
 def _judge_into(
-    run: RunDirectory, request: GateRequest, invocation: dict, suite: Suite, candidate: Candidate
+    run: RunDirectory,
+    request: GateRequest,
+    invocation: dict,
+    suite: Suite,
+    candidate: Candidate,
+    baseline: evaluation.BaselineRef,
+    device: dict,
 ) -> RunRecord:
     versions = package_versions()
     blob = json.dumps(invocation, sort_keys=True, separators=(",", ":"))
@@ -147,26 +169,16 @@ def _judge_into(
     run.write(record)
     t0 = time.time()
     try:
-        device = device_info()
-        compute = hardware.compute_dtype(request.dtype, request.compute_dtype, cuda=device["cuda"])
-        device["compute_dtype"] = compute
         record.device = device
-        resolved = models.resolve_source(request.baseline, Path.cwd())
         record.model = {
-            "source": resolved.source,
-            "path": str(resolved.path),
-            "fingerprint": resolved.fingerprint,
+            "source": request.baseline,
+            "path": str(baseline.path),
+            "fingerprint": baseline.fingerprint,
         }
-        baseline = evaluation.BaselineRef(
-            path=resolved.path,
-            fingerprint=resolved.fingerprint,
-            dtype=request.dtype,
-            compute_dtype=compute,
-        )
         identity = {
             "gate": invocation,
-            "model": resolved.fingerprint,
-            "compute_dtype": compute,
+            "model": baseline.fingerprint,
+            "compute_dtype": baseline.compute_dtype,
             "versions": {k: versions.get(k) for k in COMPUTE_PACKAGES},
         }
         entry.fingerprint = hashlib.sha256(

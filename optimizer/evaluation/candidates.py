@@ -91,7 +91,21 @@ def checkpoint_problem(path: Path) -> str | None:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as e:
         return f"{config_file} is not readable JSON ({e})"
-    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    from optimizer.trtllm import kind_of
+
+    kind = kind_of(path)
+    if kind in ("trtllm_checkpoint", "engine"):
+        what = "TensorRT-LLM checkpoint" if kind == "trtllm_checkpoint" else "TensorRT engine"
+        return (
+            f"{path} is a {what}, which transformers cannot load; gate the Hugging Face "
+            "checkpoint it was made from (a run's stages/NN-ptq/model), or serve it and gate "
+            "the endpoint (--endpoint)"
+        )
+    if not isinstance(config, dict) or "model_type" not in config:
+        return (
+            f"{config_file} has no model_type: not a Hugging Face checkpoint transformers can load"
+        )
+    quant = config.get("quantization_config")
     markers = []
     if (path / "hf_quant_config.json").is_file():
         markers.append("hf_quant_config.json")

@@ -87,14 +87,29 @@ class Gate(Stage):
         no such file exists, a shipped suite by name (``quick``: optimizer/resources/suites)."""
         return resolve_suite(self.suite, base_dir)
 
+    def candidate_path(self, base_dir: Path) -> Path | None:
+        """``candidate``: absolute, or relative to the recipe, then the cwd."""
+        if self.candidate is None:
+            return None
+        p = Path(self.candidate).expanduser()
+        if p.is_absolute():
+            return p
+        return base_dir / p if (base_dir / p).exists() else p.resolve()
+
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
         from optimizer.evaluation import load_suite
+        from optimizer.evaluation.candidates import checkpoint_problem
 
         plan, problems = super().plan(prev, env)
         try:
             load_suite(self.suite_path(env.base_dir))
         except OptimizerError as e:
             problems.append(("suite", str(e)))
+        candidate = self.candidate_path(env.base_dir)
+        if candidate is not None:
+            problem = checkpoint_problem(candidate)  # a unified HF export: refused now
+            if problem:
+                problems.append(("candidate", problem))
         return plan, problems
 
     def inputs(self, base_dir: Path) -> list[Input]:
@@ -110,8 +125,9 @@ class Gate(Stage):
         tasks_dir = load_suite(suite_file).tasks_dir  # validated with the recipe
         if tasks_dir is not None:
             inputs.append(dir_input("suite_tasks", Path(tasks_dir)))
-        if self.candidate is not None:
-            inputs.append(checkpoint_input("candidate", Path(self.candidate).expanduser()))
+        candidate = self.candidate_path(base_dir)
+        if candidate is not None:
+            inputs.append(checkpoint_input("candidate", candidate))
         return inputs
 
     def artifacts(self, outputs: dict[str, dict[str, str]]) -> dict[str, str]:
@@ -185,7 +201,7 @@ class Gate(Stage):
         if self.candidate is not None:
             return make_candidate(
                 "checkpoint",
-                self.candidate,
+                self.candidate_path(ctx.recipe.base_dir),
                 tokenizer=ctx.tokenizer(),
                 trust_remote_code=state.trust_remote_code,
             )
