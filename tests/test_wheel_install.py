@@ -68,7 +68,9 @@ def _fresh_venv(tmp: Path, wheel: Path, env: dict) -> tuple[Path, Path]:
     purelib = Path(_run([str(python), "-c", code], env=env).stdout.strip())
     assert purelib.is_relative_to(venv)
     deps = [p for p in site.getsitepackages() if Path(p).is_dir()]
-    assert deps and not any(Path(p).is_relative_to(REPO) for p in deps)
+    # The dependencies' site-packages (inside the checkout when make made .venv there) is
+    # fine; the checkout itself, where the source package lives, must not be on the path.
+    assert deps and not any(Path(p).resolve() == REPO.resolve() for p in deps)
     (purelib / "_test_interpreter_deps.pth").write_text("".join(f"{p}\n" for p in deps))
     _run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q"]
@@ -131,7 +133,8 @@ def test_wheel_install_runs_the_shipped_quickstart_by_name(builtin_cache, tmp_pa
     for key in ("file", "tasks", "suite", "calibration", "recipe"):
         assert Path(seen[key]).is_relative_to(purelib), (key, seen[key])
     assert seen["editable"] == [], "the dev venv's editable optimizer leaked in"
-    assert not [p for p in seen["path"] if p and Path(p).resolve().is_relative_to(REPO)]
+    # the checkout (where the source package is importable from) is not on the path
+    assert str(REPO.resolve()) not in [str(Path(p).resolve()) for p in seen["path"] if p]
     assert any(p in seen["path"] for p in site.getsitepackages())  # the dependencies
 
     proc = _run([str(python), "-m", "optimizer", "validate", "quickstart"], cwd=work, env=env)
