@@ -13,8 +13,10 @@ The library leaves process-wide settings alone: the CLI (and the tests) set
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,15 @@ class SuiteScores(RootModel[dict[str, TaskScores]]):
         return {k: v.value for k, v in self.root.items()}
 
 
+def task_data_dir(include_path: Path = LOCAL_TASKS) -> Path:
+    """Where the local tasks' loader reads its data (``OPTIMIZER_EVALS_DATA_DIR`` moves it,
+    see optimizer/resources/evals/tasks/loader.py)."""
+    override = os.environ.get("OPTIMIZER_EVALS_DATA_DIR")
+    if override and include_path == LOCAL_TASKS:
+        return Path(override)
+    return include_path.parent / "data"
+
+
 def task_fingerprint(
     task: str, include_path: Path | None = LOCAL_TASKS, suite_tasks: str | None = None
 ) -> str:
@@ -105,7 +116,7 @@ def task_fingerprint(
         for f in sorted(include_path.glob("*")):
             if f.is_file():
                 h.update(f.name.encode() + f.read_bytes())
-        data = include_path.parent / "data"
+        data = task_data_dir(include_path)
         for f in sorted(data.glob("*.jsonl")) if data.is_dir() else []:
             h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
@@ -124,6 +135,26 @@ def hf_lm(model: Any, tokenizer: Any, *, batch_size: int, max_length: int) -> An
     )
 
 
+@contextlib.contextmanager
+def _rng_restored():
+    """Python's, NumPy's and torch's global random states as they were before."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def evaluate_tasks(
     lm: Any,
     tasks: list[str],
@@ -139,25 +170,26 @@ def evaluate_tasks(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    paths = [include_path] if isinstance(include_path, Path) else list(include_path or [])
+    paths = [include_path] if isinstance(include_path, (Path, str)) else list(include_path or [])
     manager = TaskManager(
         include_path=[str(p) for p in paths] or None,
         # lm-eval's own tasks (hub data) only when asked for: indexing them costs seconds.
         include_defaults=not paths or any(not t.startswith("local_") for t in tasks),
     )
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        task_manager=manager,
-        limit=limit,
-        num_fewshot=num_fewshot,
-        log_samples=log_samples,
-        use_cache=None,
-        random_seed=0,
-        numpy_random_seed=0,
-        torch_random_seed=0,
-        fewshot_random_seed=0,
-    )
+    with _rng_restored():  # simple_evaluate seeds the global RNGs; the caller keeps its own
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            log_samples=log_samples,
+            use_cache=None,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            fewshot_random_seed=0,
+        )
     results: dict[str, dict[str, float | None]] = {}
     for task, metrics in out["results"].items():
         clean: dict[str, float | None] = {}

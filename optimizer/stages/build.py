@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, model_validator
 
 from optimizer.errors import StageError
-from optimizer.inputs import Input, file_input, reference_input
+from optimizer.inputs import Input, file_input, package_input, reference_input
 from optimizer.launchers import LAUNCHERS
 from optimizer.plan import Environment, ModelPlan
 from optimizer.stages.base import Stage, StageProblem, StageResult
@@ -116,13 +116,20 @@ class Build(Stage):
         return plan.but(engine=True), problems
 
     def inputs(self, base_dir: Path) -> list[Input]:
-        """The TensorRT-LLM that builds: the image, or the local trtllm-build program."""
+        """The TensorRT-LLM that builds: the image (docker), or the program and the
+        ``tensorrt_llm`` package of this environment (local), or the command line (command).
+        An image is exact only when pinned by digest (``image@sha256:...``)."""
         import shutil
 
         if self.launcher == "docker":
             return [reference_input("image", self.image)]
+        if self.launcher == "command":
+            return [
+                reference_input("command", shlex.join([*self.command_prefix, self.trtllm_build]))
+            ]
         tool = shutil.which(self.trtllm_build)
-        return [file_input("trtllm_build", Path(tool))] if tool else []
+        inputs = [package_input("tensorrt_llm")]
+        return inputs + ([file_input("trtllm_build", Path(tool))] if tool else [])
 
     # ------------------------------------------------------------------ the command
 
@@ -205,7 +212,10 @@ class Build(Stage):
         run_logged(cmd, run_dir / "logs" / "trtllm-build.log", self.timeout_s, "trtllm-build")
         self._verify(engine, world)
         deploy = ctx.new_output("deploy")
-        self._write_deploy(deploy, run_dir, config)
+        # What the plan says was exported (the HF checkpoint on disk may be a stale one).
+        exports = ctx.plan.exports if ctx.plan is not None else None
+        hf_exported = bool(exports and exports.hf_checkpoint)
+        self._write_deploy(deploy, run_dir, config, hf_exported)
         return StageResult(
             outputs={"engine": engine, "deploy": deploy},
             metrics={
@@ -252,7 +262,7 @@ class Build(Stage):
                 f"trtllm-build left no {', '.join(absent)} (world_size {world}): the build is incomplete"
             )
 
-    def _write_deploy(self, deploy: Path, run_dir: Path, config: dict) -> None:
+    def _write_deploy(self, deploy: Path, run_dir: Path, config: dict, hf_exported: bool) -> None:
         """extra_llm_api_options.yaml + serve commands for TensorRT-LLM >= 1.0 (PyTorch backend)."""
         import yaml
 
@@ -267,16 +277,25 @@ class Build(Stage):
             options["kv_cache_config"]["dtype"] = "fp8"
         (deploy / "extra_llm_api_options.yaml").write_text(yaml.safe_dump(options, sort_keys=False))
         tp = (config.get("mapping") or {}).get("tp_size", 1)
+        q = shlex.quote
         hf, engine = run_dir / "hf_checkpoint", run_dir / "engine"
+        options_file = deploy.parent / "deploy" / "extra_llm_api_options.yaml"
+        pytorch = (
+            f"trtllm-serve {q(str(hf))} --backend pytorch --tp_size {tp} "
+            f"--max_batch_size {self.max_batch_size} --max_seq_len {self.max_seq_len} "
+            f'--extra_llm_api_options {q(str(options_file))} --host 0.0.0.0 --port 8000 "$@"'
+        )
         lines = [
             "#!/usr/bin/env bash",
             "# Serve the optimized model with TensorRT-LLM (OpenAI-compatible API).",
             "# PyTorch backend (TensorRT-LLM >= 1.0) on the unified HF checkpoint:",
-            f"trtllm-serve {hf} --backend pytorch --tp_size {tp} --max_batch_size {self.max_batch_size} "
-            f"--max_seq_len {self.max_seq_len} --extra_llm_api_options {deploy.parent / 'deploy' / 'extra_llm_api_options.yaml'} "
-            '--host 0.0.0.0 --port 8000 "$@"',
+            pytorch
+            if hf_exported
+            else "# (no unified HF checkpoint was exported: set export.hf_checkpoint: true)\n# "
+            + pytorch,
             "# TensorRT engines (TensorRT-LLM <= 1.2):",
-            f"# trtllm-serve {engine} --backend tensorrt --tokenizer {hf} --host 0.0.0.0 --port 8000",
+            f"# trtllm-serve {q(str(engine))} --backend tensorrt "
+            f"--tokenizer {q(str(run_dir / 'trtllm_checkpoint'))} --host 0.0.0.0 --port 8000",
         ]
         serve = deploy / "serve.sh"
         serve.write_text("\n".join(lines) + "\n")

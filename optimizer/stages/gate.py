@@ -114,12 +114,13 @@ class Gate(Stage):
 
     def inputs(self, base_dir: Path) -> list[Input]:
         from optimizer.evaluation import LOCAL_TASKS, load_suite
+        from optimizer.evaluation.harness import task_data_dir
 
         suite_file = self.suite_path(base_dir)
         inputs = [
             file_input("suite", suite_file),
             dir_input("tasks", LOCAL_TASKS),
-            dir_input("task_data", LOCAL_TASKS.parent / "data"),
+            dir_input("task_data", task_data_dir()),
             package_input("lm-eval"),
         ]
         tasks_dir = load_suite(suite_file).tasks_dir  # validated with the recipe

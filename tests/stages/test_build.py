@@ -20,12 +20,12 @@ BUILD = (
 )
 
 
-def recipe(tmp_path, tiny_llama, build=BUILD, ptq="{format: fp8, kv_cache: fp8}", tp=2):
+def recipe(tmp_path, tiny_llama, build=BUILD, ptq="{format: fp8, kv_cache: fp8}", tp=2, hf="true"):
     path = tmp_path / "r.yaml"
     path.write_text(
         f"name: b\nmodel: {{source: {tiny_llama}}}\n"
         f"calibration: {{dataset: {CALIBRATION}, num_samples: 2, seq_len: 32}}\n"
-        f"stages:\n  - ptq: {ptq}\n  - export: {{trtllm_checkpoint: {{tp: {tp}}}, hf_checkpoint: true}}\n"
+        f"stages:\n  - ptq: {ptq}\n  - export: {{trtllm_checkpoint: {{tp: {tp}}}, hf_checkpoint: {hf}}}\n"
         f"  - build: {build}\n"
     )
     return path
@@ -64,8 +64,19 @@ def test_build_produces_verified_engines_and_deploy_files(tiny_llama, tmp_path):
     options = (out / "deploy" / "extra_llm_api_options.yaml").read_text()
     assert "dtype: fp8" in options and "max_num_tokens: 1024" in options
     serve = (out / "deploy" / "serve.sh").read_text()
-    assert f"trtllm-serve {out / 'hf_checkpoint'} --backend pytorch --tp_size 2" in serve
+    assert f"\ntrtllm-serve {out / 'hf_checkpoint'} --backend pytorch --tp_size 2" in serve
     assert "Total time of building all engines" in (out / "logs" / "trtllm-build.log").read_text()
+
+
+def test_deploy_files_follow_the_plan_and_quote_paths(tiny_llama, tmp_path):
+    """No unified HF checkpoint exported: serve.sh does not point a server at one (an older
+    hf_checkpoint/ on disk would be stale); paths with spaces are quoted."""
+    out = tmp_path / "run dir"
+    assert run(recipe(tmp_path, tiny_llama, ptq="{format: fp8}", tp=1, hf="false"), out) == 0
+    serve = (out / "deploy" / "serve.sh").read_text()
+    assert "no unified HF checkpoint was exported" in serve
+    assert "\ntrtllm-serve" not in serve  # every serve line is a comment
+    assert f"# trtllm-serve '{out / 'engine'}' --backend tensorrt" in serve
 
 
 @pytest.mark.parametrize(
