@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from optimizer.formats import check_block_size, trtllm_layout_problems
+from optimizer.formats import FORMATS, check_block_size, trtllm_layout_problems
 from optimizer.plan import (
     Environment,
     Exports,
@@ -64,11 +64,15 @@ def trtllm_quantization_problems(quant: Quantization, tp: int, config: dict | No
         if check_block_size(layer.format, layer.group_size, config):
             continue  # already reported against the format; one message per cause
         problems += trtllm_layout_problems(layer.format, layer.group_size, tp, config)
-    if quant.exclude and any(layer.format == "fp8_pc_pt" for layer in quant.formats):
-        problems.append(
-            "TensorRT-LLM quantizes whole attention/MLP blocks for fp8_pc_pt, so per-layer "
-            "`exclude` is not honoured and tensors would go missing; drop `exclude`"
-        )
+    if quant.exclude:
+        problems += [
+            p
+            for p in (
+                facts.exclusion_problem(FORMATS[layer.format].trtllm_algo)
+                for layer in quant.formats
+            )
+            if p
+        ]
     return problems
 
 

@@ -13,10 +13,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from optimizer.errors import OptimizerError
-from optimizer.formats import FORMATS, build_config
+from optimizer.formats import FORMAT_NAMES, FORMATS, build_config
+from optimizer.trtllm.facts import MIXED_PRECISION_LAYER_ALGOS
 
-#: Formats TensorRT-LLM 1.2 can build per layer inside MIXED_PRECISION.
-MIXABLE = ("fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4")
+#: Formats TensorRT-LLM 1.2 can build per layer inside MIXED_PRECISION (optimizer/trtllm/facts.py).
+MIXABLE = tuple(f for f in FORMAT_NAMES if FORMATS[f].trtllm_algo in MIXED_PRECISION_LAYER_ALGOS)
 
 
 class AutoQuantizeConfig(BaseModel):

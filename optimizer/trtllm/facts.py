@@ -218,20 +218,31 @@ class AlgoFacts:
     unsupported_group_sizes: tuple[int, ...] = ()
     #: With an FP8 KV cache, TensorRT-LLM silently turns paged context FMHA off.
     fp8_kv_disables_paged_context_fmha: bool = False
+    #: Buildable per layer inside a MIXED_PRECISION checkpoint (quant_cfg.json).
+    per_layer_in_mixed: bool = False
+    #: Quantizes whole attention/MLP blocks: per-layer exclusions are not honoured and the
+    #: excluded layers' tensors would be missing.
+    whole_blocks_only: bool = False
 
 
 ALGO_FACTS: Mapping[str, AlgoFacts] = {
     f.name: f
     for f in (
-        AlgoFacts("FP8", fp8_activations=True),
-        AlgoFacts("FP8_PER_CHANNEL_PER_TOKEN", fp8_activations=True, rejected_from_sm=10.0),
+        AlgoFacts("FP8", fp8_activations=True, per_layer_in_mixed=True),
+        AlgoFacts(
+            "FP8_PER_CHANNEL_PER_TOKEN",
+            fp8_activations=True,
+            rejected_from_sm=10.0,
+            whole_blocks_only=True,
+        ),
         AlgoFacts("W8A16", rejected_from_sm=10.0),
-        AlgoFacts("W8A8_SQ_PER_CHANNEL", rejected_from_sm=10.0),
+        AlgoFacts("W8A8_SQ_PER_CHANNEL", rejected_from_sm=10.0, per_layer_in_mixed=True),
         AlgoFacts(
             "W4A16_AWQ",
             rejected_from_sm=10.0,
             awq_padding_floor=64,
             fp8_kv_disables_paged_context_fmha=True,
+            per_layer_in_mixed=True,
         ),
         AlgoFacts(
             "W4A8_AWQ",
@@ -240,10 +251,11 @@ ALGO_FACTS: Mapping[str, AlgoFacts] = {
             awq_padding_floor=128,
             unsupported_group_sizes=(64,),
             fp8_kv_disables_paged_context_fmha=True,
+            per_layer_in_mixed=True,
         ),
         # A per-layer mix may hold FP8 layers (auto_quantize's candidates), so FP8's SM rule.
         AlgoFacts("MIXED_PRECISION", fp8_activations=True),
-        AlgoFacts("NVFP4", min_sm=10.0),
+        AlgoFacts("NVFP4", min_sm=10.0, per_layer_in_mixed=True),
     )
 }
 assert set(ALGO_FACTS) <= QUANT_ALGOS
@@ -281,6 +293,17 @@ KV_CACHE_QUANT_ALGOS = frozenset(KV_CACHE_FACTS)
 #: Derived sets, for readers that want them by name.
 FP8_ALGOS = frozenset(n for n, f in ALGO_FACTS.items() if f.fp8_activations)
 AWQ_ALGOS = frozenset(n for n, f in ALGO_FACTS.items() if f.awq_padding_floor is not None)
+MIXED_PRECISION_LAYER_ALGOS = frozenset(n for n, f in ALGO_FACTS.items() if f.per_layer_in_mixed)
+
+
+def exclusion_problem(quant_algo: str | None) -> str | None:
+    """Why per-layer ``exclude`` cannot work for ``quant_algo`` in a checkpoint, or None."""
+    if not algo_facts(quant_algo).whole_blocks_only:
+        return None
+    return (
+        f"TensorRT-LLM quantizes whole attention/MLP blocks for {quant_algo}, so per-layer "
+        "`exclude` is not honoured and tensors would go missing; drop `exclude`"
+    )
 
 
 # --------------------------------------------------------------------------- rules

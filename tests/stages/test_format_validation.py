@@ -115,3 +115,15 @@ def test_formats_are_a_registry_consistent_with_the_trtllm_table():
             spec.trtllm_algo is None and spec.trtllm_note
         )
     assert {kv.trtllm_algo for kv in KV_CACHE_FORMATS.values()} <= facts.KV_CACHE_QUANT_ALGOS
+
+
+def test_per_layer_exclusions_are_refused_where_tensorrt_llm_quantizes_whole_blocks(
+    write_recipe,
+):
+    (msg,) = problems(
+        write_recipe, "fp8_pc_pt", overrides=["stages.ptq.exclude=['*layers.0.mlp*']"]
+    )
+    assert "stages[1].export.trtllm_checkpoint:" in msg
+    assert "whole attention/MLP blocks for FP8_PER_CHANNEL_PER_TOKEN" in msg
+    assert problems(write_recipe, "fp8_pc_pt") == []
+    assert problems(write_recipe, "fp8", overrides=["stages.ptq.exclude=['*layers.0.mlp*']"]) == []
