@@ -7,7 +7,8 @@ per-stage records, artifacts), ``DIR/recipe.yaml``, ``DIR/logs/run.log``; artifa
 
 Rank-aware: in a multi-process job (``torchrun`` sets ``RANK``) only rank 0 locks, writes
 and commits; the other ranks read, and their scratch outputs are per rank and never
-committed, so processes of one stage cannot collide on a file.
+committed, so processes of one stage cannot collide on a file. (Synchronising ranks —
+barriers after a commit — is the launching stage's job; none exists yet.)
 """
 
 from __future__ import annotations

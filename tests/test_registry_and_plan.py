@@ -88,7 +88,9 @@ class Sparsify24(Stage):
 '''
 
 
-def test_a_new_stage_is_one_module_and_later_stages_see_its_plan(tmp_path, monkeypatch):
+def test_a_new_stage_is_one_module_and_later_stages_see_its_plan(
+    tmp_path, monkeypatch, tiny_llama, capsys
+):
     package = tmp_path / "plugin_stages"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -113,6 +115,26 @@ def test_a_new_stage_is_one_module_and_later_stages_see_its_plan(tmp_path, monke
     recipe = load_recipe(path, device="gpu")
     assert [p.sparsity for p in recipe.plans] == [None, "2:4", "2:4", "2:4", "2:4"]
     assert type(recipe.stages[0]).__module__ == "plugin_stages.sparsify24"
+
+    # The runner, --dry-run and run.json take it as it is: no edit elsewhere.
+    from optimizer.cli import main
+
+    path.write_text(
+        f"name: plug\nmodel: {{source: {tiny_llama}}}\nstages:\n  - sparsify24: {{}}\n"
+        "  - export: {trtllm_checkpoint: null, hf_checkpoint: true}\n"
+    )
+    assert main(["run", str(path), "-o", str(tmp_path / "run"), "--dry-run"]) == 0
+    assert "# [1/2] sparsify24()" in capsys.readouterr().out
+    assert main(["run", str(path), "-o", str(tmp_path / "run"), "-q"]) == 0
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    first = record["stages"][0]
+    assert (first["name"], first["status"], first["metrics"]) == (
+        "sparsify24",
+        "success",
+        {"pattern": "2:4"},
+    )
+    assert (tmp_path / "run" / "stages" / "00-sparsify24" / "model" / "config.json").is_file()
+    assert record["artifacts"]["hf_checkpoint"] == str(tmp_path / "run" / "hf_checkpoint")
 
 
 def test_other_ranks_read_the_run_directory_and_never_write_it(tmp_path):
