@@ -324,8 +324,12 @@ class Runner:
             return False
         if old.fingerprint != entry.fingerprint:
             changed = [k for k, v in (entry.inputs or {}).items() if (old.inputs or {}).get(k) != v]
-            if old.inputs is not None and changed:
-                log.info("stage %s: %s changed; redoing it", stage.name, ", ".join(changed))
+            why = (
+                ", ".join(changed)
+                if old.inputs is not None and changed
+                else "its recipe section, the model, a package version or an earlier stage"
+            )
+            log.info("stage %s: %s changed; redoing it", stage.name, why)
             return False
         for out in (old.outputs or {}).values():
             p = Path(out.path)

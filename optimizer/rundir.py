@@ -109,6 +109,8 @@ class RunDirectory:
         """Refuse a second concurrent run on this directory (the OS drops the lock if we die)."""
         if not self.writer:
             return
+        if self.path.exists() and not self.path.is_dir():
+            raise OptimizerError(f"{self.path} is a file, not a run directory; choose another -o")
         self.path.mkdir(parents=True, exist_ok=True)
         fh = open(self.path / ".lock", "a+")  # noqa: SIM115 (held until unlock())
         try:

@@ -170,3 +170,13 @@ def test_plan_of_an_unknown_model_defers_dimension_checks():
     assert ModelPlan.of_source(None).config is None
     dims = ModelPlan.of_source({"hidden_size": 64, "num_attention_heads": 4}).dims
     assert dims.as_config() == {"hidden_size": 64, "num_attention_heads": 4}
+
+
+def test_an_output_path_that_is_a_file_is_bad_input(tmp_path, write_recipe, capsys):
+    from optimizer.cli import main
+
+    target = tmp_path / "taken"
+    target.write_text("not a run directory")
+    assert main(["run", str(write_recipe()), "-o", str(target), "-q"]) == 2
+    assert "is a file, not a run directory" in capsys.readouterr().err
+    assert target.read_text() == "not a run directory"
