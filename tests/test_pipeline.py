@@ -102,7 +102,7 @@ def test_handover_checkpoint_restores_the_quantized_model(finished_run, tiny_lla
     _, run_dir = finished_run
     quantized = load_model(run_dir / "stages" / "00-ptq" / "model", "bfloat16")
     plain = load_model(tiny_llama, "bfloat16")
-    ids = torch.arange(1, 33).unsqueeze(0)
+    ids = torch.arange(1, 33).unsqueeze(0).to(plain.device)  # a GPU machine loads onto CUDA
     with torch.no_grad():
         q, p = quantized(ids).logits, plain(ids).logits
     assert sum(1 for n, _ in quantized.named_modules() if n.endswith("weight_quantizer")) >= 14

@@ -21,7 +21,7 @@ def windows(tiny_llama, n=4, seq=32):
 
 def test_quantize_is_a_plain_function(tiny_llama):
     model = load_model(tiny_llama, "float32")
-    tokens = windows(tiny_llama)
+    tokens = windows(tiny_llama).to(model.device)  # a GPU machine loads onto CUDA
     with torch.no_grad():
         before = model(tokens).logits
     summary = quantize(model, QuantizeConfig(format="fp8"), lambda m: m(tokens))
@@ -45,7 +45,7 @@ def test_quantize_refuses_what_the_model_cannot_take(tiny_llama):
 
 def test_auto_quantize_is_a_plain_function(tiny_llama):
     model = load_model(tiny_llama, "float32")
-    tokens = windows(tiny_llama)
+    tokens = windows(tiny_llama).to(model.device)
     config = AutoQuantizeConfig(effective_bits=7.0, formats=["fp8", "int4_awq"])
     model, summary = auto_quantize(model, config, [tokens[:2], tokens[2:]])
     assert summary["effective_bits"] <= 7.0
