@@ -127,10 +127,13 @@ class KVCacheFormat:
     needs_gpu: bool
 
 
-KV_CACHE_FORMATS = {
-    "fp8": KVCacheFormat("FP8_KV_CFG", "FP8", needs_gpu=False),
-    "nvfp4": KVCacheFormat("NVFP4_KV_CFG", "NVFP4", needs_gpu=True),
-}
+KV_CACHE_FORMATS: Registry[KVCacheFormat] = Registry(
+    "KV-cache format",
+    {
+        "fp8": KVCacheFormat("FP8_KV_CFG", "FP8", needs_gpu=False),
+        "nvfp4": KVCacheFormat("NVFP4_KV_CFG", "NVFP4", needs_gpu=True),
+    },
+)
 ALGORITHMS = ("max", "mse", "smoothquant", "awq_lite", "awq_full", "awq_clip")
 
 

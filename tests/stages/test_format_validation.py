@@ -114,7 +114,7 @@ def test_formats_are_a_registry_consistent_with_the_trtllm_table():
         assert spec.trtllm_algo in facts.QUANT_ALGOS or (
             spec.trtllm_algo is None and spec.trtllm_note
         )
-    assert {kv.trtllm_algo for kv in KV_CACHE_FORMATS.values()} <= facts.KV_CACHE_QUANT_ALGOS
+    assert {kv.trtllm_algo for _, kv in KV_CACHE_FORMATS.items()} <= facts.KV_CACHE_QUANT_ALGOS
 
 
 def test_per_layer_exclusions_are_refused_where_tensorrt_llm_quantizes_whole_blocks(
