@@ -29,15 +29,21 @@ def gated_run(tmp_path, tiny_llama, monkeypatch):
     )
     data = tmp_path / "calib.jsonl"
     shutil.copy(CALIBRATION, data)
+    recipe, run_dir = run_gated(tmp_path, tiny_llama, data.name)
+    return recipe, run_dir, suite, data
+
+
+def run_gated(tmp_path, model, calibration):
+    """Write and run ptq -> export -> gate (suite.yaml beside the recipe) into tmp_path/run."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        f"name: tiny\nmodel: {{source: {tiny_llama}}}\n"
-        f"calibration: {{dataset: {data.name}, num_samples: 4, seq_len: 32, batch_size: 4}}\n"
+        f"name: tiny\nmodel: {{source: {model}}}\n"
+        f"calibration: {{dataset: {calibration}, num_samples: 4, seq_len: 32, batch_size: 4}}\n"
         "stages:\n  - ptq: {format: fp8}\n  - export: {}\n  - gate: {suite: suite.yaml}\n"
     )
     run_dir = tmp_path / "run"
     assert main(["run", str(recipe), "-o", str(run_dir), "-q"]) == 0
-    return recipe, run_dir, suite, data
+    return recipe, run_dir
 
 
 def resume(recipe, run_dir):
@@ -114,14 +120,7 @@ def test_editing_a_task_file_of_the_suite_redoes_only_the_gate(tmp_path, tiny_ll
         "name: mine\ntasks_dir: my_tasks\ntasks:\n  - {task: my_mc, metric: acc}\n"
         "thresholds:\n  default: {max_drop: 1.0}\n"
     )
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        f"name: tiny\nmodel: {{source: {tiny_llama}}}\n"
-        f"calibration: {{dataset: {CALIBRATION}, num_samples: 4, seq_len: 32, batch_size: 4}}\n"
-        "stages:\n  - ptq: {format: fp8}\n  - export: {}\n  - gate: {suite: suite.yaml}\n"
-    )
-    run_dir = tmp_path / "run"
-    assert main(["run", str(recipe), "-o", str(run_dir), "-q"]) == 0
+    recipe, run_dir = run_gated(tmp_path, tiny_llama, CALIBRATION)
     before = read_run(run_dir)["stages"]
     assert before[2]["metrics"]["my_mc/acc"]["baseline"] is not None  # the task really ran
     gate = json.loads((run_dir / "report" / "gate.json").read_text())
