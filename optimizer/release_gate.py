@@ -30,7 +30,6 @@ from optimizer.pipeline import (
 )
 from optimizer.run_record import Output, RunError, RunRecord, StageRecord, now
 from optimizer.rundir import RunDirectory, sha256_tree
-from optimizer.stages.gate import resolve_suite
 
 log = logging.getLogger("optimizer.gate")
 
@@ -96,7 +95,7 @@ def gate_artifact(request: GateRequest, *, capture: Capture = log_to_file) -> Ru
         )
     if (request.candidate is None) == (request.endpoint is None):
         raise OptimizerError("gate exactly one of a candidate directory or an endpoint")
-    suite_file = resolve_suite(request.suite, Path.cwd())
+    suite_file = evaluation.resolve_suite(request.suite, Path.cwd())
     suite = evaluation.apply_overrides(
         evaluation.load_suite(suite_file), limit=request.limit, max_drop=request.max_drop
     )

@@ -35,7 +35,14 @@ from optimizer.evaluation.candidates import (
 )
 from optimizer.evaluation.harness import LOCAL_TASKS, SCORING, SuiteScores, TaskScores
 from optimizer.evaluation.report import regenerate, run_meta, write_reports
-from optimizer.evaluation.suite import Suite, SuiteTask, Threshold, apply_overrides, load_suite
+from optimizer.evaluation.suite import (
+    Suite,
+    SuiteTask,
+    Threshold,
+    apply_overrides,
+    load_suite,
+    resolve_suite,
+)
 from optimizer.evaluation.verdict import MetricVerdict, Verdict
 
 __all__ = [
@@ -58,6 +65,7 @@ __all__ = [
     "apply_overrides",
     "evaluate_and_judge",
     "load_suite",
+    "resolve_suite",
     "make_candidate",
     "regenerate",
     "run_meta",

@@ -87,6 +87,17 @@ class Suite(BaseModel):
         )
 
 
+def resolve_suite(ref: str, base_dir: Path) -> Path:
+    """A suite reference: a path (see ``resources.local_path``) or, when no such file exists,
+    a shipped suite's name (an unknown name: OptimizerError with a did-you-mean)."""
+    from optimizer import resources
+
+    path = resources.local_path(ref, base_dir)
+    if path.exists() or not resources.is_name(ref):
+        return path
+    return resources.suite(ref)
+
+
 def load_suite(path: Path) -> Suite:
     """Read a suite file; its ``tasks_dir`` becomes an absolute path (it must exist)."""
     import yaml

@@ -57,10 +57,20 @@ __all__ = [
     "find",
     "get",
     "is_name",
+    "local_path",
     "names",
     "recipe",
     "suite",
 ]
+
+
+def local_path(ref: str, base_dir: Path) -> Path:
+    """Where a path in a recipe points: absolute as given, else relative to ``base_dir`` (the
+    recipe's folder) if that exists, else relative to the current directory."""
+    p = Path(ref).expanduser()
+    if p.is_absolute():
+        return p
+    return base_dir / p if (base_dir / p).exists() else p.resolve()
 
 
 def is_name(ref: str) -> bool:

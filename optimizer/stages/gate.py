@@ -32,22 +32,6 @@ class EndpointSpec(BaseModel):
     model: str = Field(description="model name the server expects")
 
 
-def resolve_suite(ref: str, base_dir: Path) -> Path:
-    """A suite reference: a path (absolute, or relative to ``base_dir``, then the cwd) or,
-    when no such file exists, a shipped suite's name (an unknown name: OptimizerError with a
-    did-you-mean)."""
-    from optimizer import resources
-
-    p = Path(ref).expanduser()
-    if p.is_absolute():
-        return p
-    if (base_dir / p).exists():
-        return base_dir / p
-    if p.exists() or not resources.is_name(ref):
-        return p.resolve()
-    return resources.suite(ref)
-
-
 class Gate(Stage):
     """Accept or reject the optimized model on accuracy."""
 
@@ -85,16 +69,15 @@ class Gate(Stage):
     def suite_path(self, base_dir: Path) -> Path:
         """The suite file: a path (absolute, or relative to the recipe, then the cwd) or, when
         no such file exists, a shipped suite by name (``quick``: optimizer/resources/suites)."""
+        from optimizer.evaluation import resolve_suite
+
         return resolve_suite(self.suite, base_dir)
 
     def candidate_path(self, base_dir: Path) -> Path | None:
         """``candidate``: absolute, or relative to the recipe, then the cwd."""
-        if self.candidate is None:
-            return None
-        p = Path(self.candidate).expanduser()
-        if p.is_absolute():
-            return p
-        return base_dir / p if (base_dir / p).exists() else p.resolve()
+        from optimizer.resources import local_path
+
+        return None if self.candidate is None else local_path(self.candidate, base_dir)
 
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
         from optimizer.evaluation import load_suite
