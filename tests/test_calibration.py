@@ -61,7 +61,7 @@ def test_local_formats(tmp_path):
 def test_bad_local_data_is_a_clear_error(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"body": "one"}\n')
     with pytest.raises(
-        OptimizerError, match="no text field 'text' .*it has: body.*set calibration.text_field"
+        OptimizerError, match="no field 'text' .*it has: body.*set calibration.text_field"
     ):
         calibration.load_texts(spec(dataset="a.jsonl"), tmp_path)
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{not json\n')

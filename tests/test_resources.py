@@ -152,7 +152,7 @@ def test_calibration_by_name_file_or_hub(tmp_path, monkeypatch):
     assert calibration.check_dataset(CalibrationSpec(dataset="wikitext"), tmp_path) is None
     missing = calibration.check_dataset(CalibrationSpec(dataset="calib.jsonl"), tmp_path)
     assert missing.startswith("calibration file not found: calib.jsonl")
-    assert missing.endswith("shipped sets by name: python-docs)")
+    assert missing.endswith("shipped calibration sets by name: python-docs)")
 
 
 def test_an_unreachable_hub_dataset_suggests_the_shipped_set(monkeypatch):
