@@ -4,6 +4,7 @@ the previous stage (loaded lazily from its saved checkpoint after a resume)."""
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,10 @@ class StageContext:
     #: The plan before this stage (what validation knew of the model), when validated.
     plan: ModelPlan | None = None
     temp_outputs: dict[str, Path] = field(default_factory=dict)
+    #: This stage's fingerprint (what its resumable checkpoints are valid for).
+    fingerprint: str = ""
+    #: ``(name, metrics)`` of the stages before this one that have metrics (for reports).
+    earlier_metrics: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     @property
     def run_dir(self) -> Path:
@@ -97,6 +102,22 @@ class StageContext:
         return calibration.forward_loop(
             self.calibration_tokens(), self.recipe.calibration.batch_size
         )
+
+    def checkpoint_dir(self) -> Path:
+        """A directory for the stage's own checkpoints that survives a killed run: kept while
+        the stage's fingerprint is unchanged (a resumed stage continues from it), emptied when
+        it changed, removed by the runner once the stage commits. Rank 0 prepares it; every
+        rank gets the same path (only the Trainer's main process writes there)."""
+        path = self.directory.checkpoints(self.index, self.recipe.stages[self.index].name)
+        marker = path / "FINGERPRINT"
+        stale = not marker.is_file() or marker.read_text() != self.fingerprint
+        if self.directory.writer and stale:
+            if path.exists():
+                log.info("discarding checkpoints of a different %s configuration", path.name)
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            marker.write_text(self.fingerprint)
+        return path
 
     def new_output(self, key: str) -> Path:
         """A fresh temporary directory for output ``key``; the runner renames it into place

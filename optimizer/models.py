@@ -90,7 +90,7 @@ def cache_dir() -> Path:
     return Path(base) / "optimizer"
 
 
-def _local_dir(source: str, base_dir: Path) -> Path | None:
+def local_dir(source: str, base_dir: Path) -> Path | None:
     for candidate in (Path(source).expanduser(), base_dir / source):
         if candidate.is_dir():
             return candidate.resolve()
@@ -104,7 +104,7 @@ def check_source(source: str, base_dir: Path) -> str | None:
         if name not in BUILTIN_MODELS:
             return f"unknown builtin model '{name}' (available: {', '.join(BUILTIN_MODELS)})"
         return None
-    local = _local_dir(source, base_dir)
+    local = local_dir(source, base_dir)
     if local is not None:
         if not (local / "config.json").is_file():
             return f"{local} is not a Hugging Face checkpoint directory (no config.json)"
@@ -126,7 +126,7 @@ def peek_config(source: str, base_dir: Path) -> dict[str, Any] | None:
             path = cache_dir() / "models" / f"{name}-bf16" / "config.json"
             if not path.is_file():
                 return dict(BUILTIN_MODELS[name].config)
-    elif (local := _local_dir(source, base_dir)) is not None:
+    elif (local := local_dir(source, base_dir)) is not None:
         path = local / "config.json"
     elif HUB_ID.match(source):
         try:
@@ -145,7 +145,7 @@ def resolve_source(source: str, base_dir: Path) -> ResolvedModel:
         raise OptimizerError(f"model.source: {problem}")
     if source.startswith(BUILTIN_PREFIX):
         return _builtin(source[len(BUILTIN_PREFIX) :])
-    local = _local_dir(source, base_dir)
+    local = local_dir(source, base_dir)
     if local is not None:
         return ResolvedModel(source, local, fingerprint_dir(local))
     return _from_hub(source)

@@ -265,7 +265,16 @@ class Runner:
             )
             prev_stages = previous.stages if previous else []
             upstream = ""
+            last_distributed = max(
+                (i for i, s in enumerate(recipe.stages) if s.distributed), default=-1
+            )
             for i, stage in enumerate(recipe.stages):
+                if not self.dir.writer and i > last_distributed:
+                    log.info(
+                        "rank %d: no multi-process stage from here on; rank 0 runs the rest",
+                        self.dir.rank,
+                    )
+                    break
                 entry = self.record.stages[i]
                 entry.inputs = digests(stage_inputs(stage, recipe))
                 fp = stage_fingerprint(
@@ -368,14 +377,24 @@ class Runner:
         self._save()
         log.info("[%d/%d] %s: %s", i + 1, len(self.recipe.stages), stage.name, stage.describe())
         plan = self.recipe.plans[i] if len(self.recipe.plans) > i else None
-        ctx = StageContext(self.recipe, self.dir, i, state, plan=plan)
+        ctx = StageContext(
+            self.recipe,
+            self.dir,
+            i,
+            state,
+            plan=plan,
+            fingerprint=entry.fingerprint or "",
+            earlier_metrics=[(s.name, s.metrics) for s in self.record.stages[:i] if s.metrics],
+        )
         t0 = time.time()
         try:
             result = stage.run(ctx)
-            if stage.transforms_model:
+            if stage.transforms_model and self.dir.writer:
+                # (Other ranks keep the model in memory; they never commit a save.)
                 self._save_model(ctx)
                 result.outputs["model"] = ctx.temp_outputs["model"]
             outputs = self._commit(i, stage, result.outputs)
+            self.dir.drop_checkpoints(i)
         except BaseException as e:
             for tmp in ctx.temp_outputs.values():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -399,7 +418,7 @@ class Runner:
         if result.gate_failure:
             entry.gate_failure = result.gate_failure.replace("{run_dir}", str(self.dir.path))
         self._publish_artifacts(stage, entry)
-        if stage.transforms_model:
+        if stage.transforms_model and "model" in outputs:
             state.checkpoint = Path(outputs["model"].path)
         if stage.invalidates_model:
             state.model = None

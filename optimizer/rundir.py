@@ -105,6 +105,16 @@ class RunDirectory:
         tmp.mkdir(parents=True)
         return tmp
 
+    def checkpoints(self, index: int, name: str) -> Path:
+        """Where stage ``index`` keeps its own checkpoints (training): one path for every rank,
+        kept across a killed run (``remove_temporaries`` leaves it) until the stage commits."""
+        return self.path / f".checkpoints-{index:02d}-{name}"
+
+    def drop_checkpoints(self, index: int) -> None:
+        if self.writer:
+            for p in self.path.glob(f".checkpoints-{index:02d}-*"):
+                shutil.rmtree(p, ignore_errors=True)
+
     def lock(self) -> None:
         """Refuse a second concurrent run on this directory (the OS drops the lock if we die)."""
         if not self.writer:

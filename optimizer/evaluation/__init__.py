@@ -34,7 +34,7 @@ from optimizer.evaluation.candidates import (
     make_candidate,
 )
 from optimizer.evaluation.harness import LOCAL_TASKS, SCORING, SuiteScores, TaskScores
-from optimizer.evaluation.report import regenerate, run_meta, write_reports
+from optimizer.evaluation.report import regenerate, run_meta, training_stages, write_reports
 from optimizer.evaluation.suite import (
     Suite,
     SuiteTask,
@@ -69,6 +69,7 @@ __all__ = [
     "make_candidate",
     "regenerate",
     "run_meta",
+    "training_stages",
     "write_reports",
 ]
 

@@ -92,7 +92,68 @@ def plot_png(gate: Verdict) -> bytes:
     return buf.getvalue()
 
 
-def markdown(gate: Verdict, meta: dict[str, Any]) -> str:
+#: ``(stage name, its run.json metrics)`` of the training stages before the gate.
+Training = list[tuple[str, dict[str, Any]]]
+
+
+def training_stages(stages: list[tuple[str, dict[str, Any] | None]]) -> Training:
+    """The stages among ``(name, metrics)`` that trained (their metrics hold a loss curve)."""
+    return [(n, m) for n, m in stages if m and m.get("loss_curve")]
+
+
+def loss_curve_png(stage: str, metrics: dict[str, Any]) -> bytes:
+    """Training loss and held-out loss per optimizer step (one training stage's metrics)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
+    for key, label, style in (
+        ("loss_curve", "training loss", "-"),
+        ("eval_curve", "held-out loss", "o-"),
+    ):
+        points = metrics.get(key) or []
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label, ms=3)
+    resumed = metrics.get("resumed_from_step") or 0
+    if resumed:
+        ax.axvline(resumed, color="#999", ls=":", lw=1, label=f"resumed at step {resumed}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"loss ({metrics.get('trainer', stage)})")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(
+        f"{stage}: {metrics.get('steps', '?')} steps, {metrics.get('tokens', 0):,} tokens",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _training_rows(training: Training) -> list[list[str]]:
+    rows = []
+    for name, m in training:
+        before, after = m.get("before", {}), m.get("after", {})
+        rows.append(
+            [
+                name,
+                str(m.get("trainer", "")),
+                str(m.get("steps", "")),
+                f"{m.get('tokens', 0):,}",
+                f"{m.get('train_seconds', 0):.0f} s",
+                f"{before.get('heldout_loss', float('nan')):.4f} -> {after.get('heldout_loss', float('nan')):.4f}",
+            ]
+        )
+    return rows
+
+
+TRAINING_HEADER = ["stage", "trainer", "steps", "tokens", "time", "held-out loss before -> after"]
+
+
+def markdown(gate: Verdict, meta: dict[str, Any], training: Training = ()) -> str:
     status = "PASSED" if gate.passed else "FAILED"
     lines = [f"# Accuracy gate: {status}", ""]
     if gate.failing:
@@ -102,11 +163,32 @@ def markdown(gate: Verdict, meta: dict[str, Any]) -> str:
     lines += ["", f"Rule: {gate.rule}; inconclusive counts as {gate.on_inconclusive}.", ""]
     for m in gate.metrics:
         lines.append(f"- {m.metric}: {m.verdict} — {m.reason}")
+    if training:
+        lines += ["", "## Training", "", "| " + " | ".join(TRAINING_HEADER) + " |"]
+        lines += ["|" + "---|" * len(TRAINING_HEADER)]
+        lines += ["| " + " | ".join(r) + " |" for r in _training_rows(training)]
+        lines += ["", "Loss curves: report.html, and each stage's training/loss.png."]
     lines += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in meta.items()]
     return "\n".join(lines) + "\n"
 
 
-def html_page(gate: Verdict, meta: dict[str, Any]) -> str:
+def _training_html(training: Training) -> str:
+    if not training:
+        return ""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in TRAINING_HEADER)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>\n"
+        for r in _training_rows(training)
+    )
+    plots = "".join(
+        f'<img class="loss" alt="{html.escape(name)} loss curve" '
+        f'src="data:image/png;base64,{base64.b64encode(loss_curve_png(name, m)).decode()}">'
+        for name, m in training
+    )
+    return f'<h2>Training</h2><table id="training"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{plots}'
+
+
+def html_page(gate: Verdict, meta: dict[str, Any], training: Training = ()) -> str:
     status = "PASSED" if gate.passed else "FAILED"
     color = "#1a7f37" if gate.passed else "#cf222e"
     png = base64.b64encode(plot_png(gate)).decode()
@@ -146,6 +228,7 @@ tr.inconclusive td:last-child {{ color: #9a6700; font-weight: bold; }}
 <img id="plot" alt="accuracy per task, baseline vs candidate" src="data:image/png;base64,{png}">
 <p>Rule: {html.escape(gate.rule)}; inconclusive counts as {html.escape(gate.on_inconclusive)}.</p>
 <ul>{reasons}</ul>
+{_training_html(training)}
 <h2>Run</h2><table id="meta">{metadata_rows}</table>
 </body></html>
 """
@@ -164,17 +247,22 @@ def run_meta(judgement: Judgement, *, evaluated: str, recipe: str) -> dict[str, 
     }
 
 
-def write_reports(directory: Path, gate: Verdict, meta: dict[str, Any]) -> None:
-    """``gate.json``, ``report.md`` and ``report.html`` into ``directory``."""
+def write_reports(
+    directory: Path, gate: Verdict, meta: dict[str, Any], training: Training = ()
+) -> None:
+    """``gate.json``, ``report.md`` and ``report.html`` into ``directory``; ``training``
+    adds the training stages' losses and curves to the pages."""
     (directory / "gate.json").write_text(
         json.dumps({**gate.to_json(), "meta": meta}, indent=2) + "\n"
     )
-    _write_pages(directory, gate, meta)
+    _write_pages(directory, gate, meta, training)
 
 
-def _write_pages(directory: Path, gate: Verdict, meta: dict[str, Any]) -> None:
-    (directory / "report.md").write_text(markdown(gate, meta))
-    (directory / "report.html").write_text(html_page(gate, meta))
+def _write_pages(
+    directory: Path, gate: Verdict, meta: dict[str, Any], training: Training = ()
+) -> None:
+    (directory / "report.md").write_text(markdown(gate, meta, training))
+    (directory / "report.html").write_text(html_page(gate, meta, training))
 
 
 def read_gate(path: Path) -> tuple[Verdict, dict[str, Any]]:
@@ -203,5 +291,7 @@ def regenerate(run_dir: Path) -> Path:
         gate, meta = read_gate(Path(gate_file))
     except (OSError, ValueError, ValidationError) as e:
         raise OptimizerError(f"{gate_file} is not a readable gate result ({e})") from None
-    _write_pages(Path(gate_file).parent, gate, meta)
+    stages = record.get("stages") or []
+    training = training_stages([(s.get("name", "?"), s.get("metrics")) for s in stages])
+    _write_pages(Path(gate_file).parent, gate, meta, training)
     return Path(gate_file).parent / "report.html"

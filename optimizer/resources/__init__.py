@@ -9,6 +9,7 @@ Layout (the data READMEs carry provenance and licences)::
     evals/tasks/               lm-eval task YAMLs (local_*) + loader.py, utils.py
     evals/data/                their offline data; loader.py finds it as ../data
     calibration/<name>.jsonl   calibration: {dataset: python-docs}
+    training/<name>.jsonl      qat/distill: {data: {dataset: <name>}}
 
 Addressing rule, the same for every kind: a reference that names an existing file is that
 file (paths keep working exactly as before); otherwise a *name* -- no directory separator,
@@ -34,12 +35,14 @@ EVALS = ROOT / "evals"
 TASKS = EVALS / "tasks"
 EVAL_DATA = EVALS / "data"
 CALIBRATION = ROOT / "calibration"
+TRAINING = ROOT / "training"
 
 #: kind -> (directory, file suffixes that make a file of that kind)
 KINDS: dict[str, tuple[Path, tuple[str, ...]]] = {
     "recipe": (RECIPES, (".yaml",)),
     "suite": (SUITES, (".yaml",)),
     "calibration set": (CALIBRATION, (".jsonl", ".json", ".txt")),
+    "training set": (TRAINING, (".jsonl", ".json", ".txt")),
 }
 #: Suffixes that make a reference a file path rather than a name.
 FILE_SUFFIXES = (".yaml", ".yml", ".jsonl", ".json", ".txt")
@@ -86,7 +89,7 @@ def is_name(ref: str) -> bool:
 
 
 def names(kind: str) -> list[str]:
-    """The shipped names of ``kind`` ("recipe", "suite", "calibration set"), sorted."""
+    """The shipped names of ``kind`` (a key of ``KINDS``), sorted."""
     directory, suffixes = KINDS[kind]
     if not directory.is_dir():
         return []

@@ -58,6 +58,10 @@ class Stage(BaseModel):
     #: Later stages read what this stage made (the model, its files). A stage that only
     #: judges (the gate) sets False: redoing it does not redo the stages after it.
     feeds_later: ClassVar[bool] = True
+    #: The stage runs on every process of a ``torchrun`` / ``accelerate launch`` job (it
+    #: trains with DDP or FSDP2). The other ranks run the stages up to the last such stage
+    #: and stop; rank 0 alone runs the rest and writes the run directory.
+    distributed: ClassVar[bool] = False
     #: Output keys that are user-facing artifacts (listed in ``run.json["artifacts"]``).
     artifact_keys: ClassVar[tuple[str, ...]] = ()
 

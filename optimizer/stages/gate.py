@@ -131,6 +131,7 @@ class Gate(Stage):
             evaluate_and_judge,
             load_suite,
             run_meta,
+            training_stages,
             write_reports,
         )
 
@@ -160,7 +161,7 @@ class Gate(Stage):
         meta = run_meta(
             judgement, evaluated=self.candidate or self.evaluate, recipe=ctx.recipe.name
         )
-        write_reports(out, judgement.verdict, meta)
+        write_reports(out, judgement.verdict, meta, training_stages(ctx.earlier_metrics))
         result = StageResult(outputs={"report": out}, metrics=judgement.summary())
         if not judgement.passed:
             result.gate_failure = (

@@ -1,0 +1,103 @@
+"""What the training stages (``qat``, ``distill``) share: the recipe fields of
+:mod:`optimizer.techniques.train`, the training data as an input, resumable checkpoints and
+the loss-curve output. Not a stage itself (the leading underscore keeps it out of ``STAGES``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from optimizer.inputs import Input
+from optimizer.plan import Environment, ModelPlan
+from optimizer.stages.base import Stage, StageProblem, StageResult
+from optimizer.techniques.train import DistillationLoss, TrainingConfig
+
+if TYPE_CHECKING:
+    from optimizer.context import StageContext
+
+
+class TrainingStage(Stage, TrainingConfig, DistillationLoss):
+    """Fine-tunes the model handed over; the runner saves the result (``transforms_model``)."""
+
+    transforms_model = True
+    distributed = True
+    #: Whether this stage's recipe section names a teacher (else the distillation fields
+    #: must stay at their defaults).
+    uses_teacher: ClassVar[bool] = True
+
+    def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
+        plan, problems = super().plan(prev, env)
+        msg = self.data.problem(env.base_dir)
+        if msg:
+            problems.append(("data.dataset", msg))
+        if not self.has_teacher:
+            loss_fields = set(DistillationLoss.model_fields) & self.model_fields_set
+            if loss_fields:
+                problems.append(
+                    (
+                        sorted(loss_fields)[0],
+                        f"{', '.join(sorted(loss_fields))} only apply when distilling from a "
+                        "teacher (teacher: original)",
+                    )
+                )
+        return plan, problems
+
+    @property
+    def has_teacher(self) -> bool:
+        raise NotImplementedError
+
+    def inputs(self, base_dir: Path) -> list[Input]:
+        return [self.data.as_input(base_dir)]
+
+    def load_teacher(self, ctx: StageContext):
+        """The teacher model in the compute dtype, or None."""
+        raise NotImplementedError
+
+    def run(self, ctx: StageContext) -> StageResult:
+        from optimizer import hardware
+        from optimizer.techniques.train import train
+        from optimizer.training_data import build_splits, load_documents
+
+        model = ctx.model()
+        docs = load_documents(self.data, ctx.recipe.base_dir)
+        splits = build_splits(self.data, docs, ctx.tokenizer(), self.seq_len, self.seed)
+        ctx.log.info(
+            "training data: %d windows of %d tokens (%d held out) from %s",
+            len(splits.train),
+            splits.seq_len,
+            len(splits.heldout),
+            self.data.dataset,
+        )
+        teacher = self.load_teacher(ctx)
+        metrics = train(
+            model,
+            self,
+            splits,
+            output_dir=ctx.checkpoint_dir(),
+            teacher=teacher,
+            distillation=self if teacher is not None else None,
+            bf16_autocast=hardware.gpu_present() and ctx.state.compute_dtype == "bfloat16",
+        )
+        del teacher
+        ctx.log.info(
+            "trained %d steps (%d this run, %s tokens) in %.0f s: held-out loss %.4f -> %.4f",
+            metrics["steps"],
+            metrics["steps_this_run"],
+            f"{metrics['tokens']:,}",
+            metrics["train_seconds"],
+            metrics["before"]["heldout_loss"],
+            metrics["after"]["heldout_loss"],
+        )
+        out = ctx.new_output("training")
+        write_training_report(out, self.name, metrics)
+        return StageResult(outputs={"training": out}, metrics=metrics)
+
+
+def write_training_report(directory: Path, stage: str, metrics: dict[str, Any]) -> None:
+    """``loss.png`` (training and held-out loss per step) and ``metrics.json``."""
+    from optimizer.evaluation.report import loss_curve_png
+
+    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (directory / "loss.png").write_bytes(loss_curve_png(stage, metrics))

@@ -1,0 +1,75 @@
+"""``distill``: knowledge distillation from a teacher into the current model.
+
+The student is the model as the stages before left it (after ``prune``, ``sparsify``, or the
+source model alone); the teacher is the model as the recipe loaded it (``teacher: original``,
+the default) or any model source (a local checkpoint, ``org/name`` on the hub, ``builtin:``).
+Loss: ``kd_weight`` x logit KD at ``temperature`` + ``ce_weight`` x cross-entropy on the data
++ optional hidden-state ``layer_losses`` between named modules, through ModelOpt's
+``KDTrainer`` (``QADTrainer`` if the student is quantized). Training fields as for ``qat``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from optimizer.inputs import Input, checkpoint_input, reference_input
+from optimizer.plan import Environment, ModelPlan
+from optimizer.stages._training import TrainingStage
+from optimizer.stages.base import StageProblem
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from optimizer.context import StageContext
+
+ORIGINAL = "original"
+
+
+class Distill(TrainingStage):
+    """Distil a teacher's next-token distribution into the current model."""
+
+    name = "distill"
+    teacher: str = Field(
+        ORIGINAL,
+        description="'original' (the model as the recipe loaded it) or a model source",
+    )
+
+    @property
+    def has_teacher(self) -> bool:
+        return True
+
+    def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
+        from optimizer import models
+
+        plan, problems = super().plan(prev, env)
+        if self.teacher != ORIGINAL:
+            msg = models.check_source(self.teacher, env.base_dir)
+            if msg:
+                problems.append(("teacher", f"{msg} (or 'original': the recipe's model)"))
+        return plan, problems
+
+    def inputs(self, base_dir: Path) -> list[Input]:
+        from optimizer import models
+
+        inputs = super().inputs(base_dir)
+        if self.teacher != ORIGINAL:
+            local = models.local_dir(self.teacher, base_dir)
+            inputs.append(
+                checkpoint_input("teacher", local)
+                if local is not None
+                else reference_input("teacher", self.teacher)  # builtin:/hub: a name
+            )
+        return inputs
+
+    def load_teacher(self, ctx: StageContext):
+        from optimizer import models
+
+        if self.teacher == ORIGINAL:
+            path = ctx.state.source_path
+        else:
+            path = models.resolve_source(self.teacher, ctx.recipe.base_dir).path
+        assert path is not None
+        ctx.log.info("teacher: %s", path)
+        return models.load_model(path, ctx.state.compute_dtype, ctx.state.trust_remote_code)
