@@ -406,7 +406,11 @@ def load_model(path: Path, dtype: str, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     enable_modelopt_checkpointing()
-    device_map = "auto" if torch.cuda.is_available() else None
+    device_map = None
+    if torch.cuda.is_available():
+        # One process per GPU under torchrun / accelerate launch: each loads onto its own.
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if world > 1 else "auto"
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype(dtype), device_map=device_map, trust_remote_code=trust_remote_code
     )

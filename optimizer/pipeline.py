@@ -21,6 +21,7 @@ import json
 import logging
 import platform
 import shutil
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -151,6 +152,20 @@ def log_to_file(path: Path):
         logger.removeHandler(handler)
         logger.setLevel(level)
         handler.close()
+
+
+def leave_process_group() -> None:
+    """After the last multi-process stage: wait for every rank (rank 0 has committed its
+    outputs by then), then leave the process group the trainer set up, so that the stages
+    rank 0 runs alone see one process (ModelOpt's exporters gather over an initialised
+    group and would wait for ranks that have finished)."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class Runner:
@@ -286,6 +301,8 @@ class Runner:
                     self._reuse(i, stage, old, state)
                 else:
                     self._run_one(i, stage, state)
+                if i == last_distributed:
+                    leave_process_group()
                 if stage.feeds_later:
                     # Later stages build on what this one made: its inputs and its outputs
                     # as committed (a redone stage whose output differs redoes them too).

@@ -24,7 +24,7 @@ from optimizer.inputs import Input
 
 KIND = "training set"
 #: The shipped set a training stage uses when the recipe names none.
-DEFAULT_DATASET = "dolly-15k"
+DEFAULT_DATASET = "chitchat-en"
 
 #: A document: prose, or a conversation (a list of ``{"role", "content"}`` turns).
 Document = str | list[dict[str, str]]

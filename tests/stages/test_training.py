@@ -1,0 +1,333 @@
+"""qat / distill: training through ModelOpt's trainers lowers the loss it optimises, the result
+exports cleanly, and a run killed mid-training resumes from its last checkpoint to the same
+model an uninterrupted run makes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import CALIBRATION
+
+from optimizer import calibration, models
+from optimizer.errors import OptimizerError
+from optimizer.techniques.quantize import QuantizeConfig, quantize
+from optimizer.techniques.train import DistillationLoss, TrainingConfig, train
+from optimizer.training_data import TrainingData, build_splits, load_documents
+from optimizer.trtllm import check_checkpoint
+
+#: The shipped python-docs text as training data (the tiny tokenizer was trained on it, so
+#: its loss is meaningful); seq_len 64 keeps a CPU step well under a second.
+DATA = TrainingData(dataset=str(CALIBRATION), max_eval_samples=16)
+
+
+def config(**kw) -> TrainingConfig:
+    base = dict(data=DATA, steps=6, learning_rate=1e-3, batch_size=4, seq_len=64, log_every=1)
+    return TrainingConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def splits(tiny_llama):
+    tok = models.load_tokenizer(tiny_llama)
+    return build_splits(DATA, load_documents(DATA, Path(".")), tok, 64, seed=0)
+
+
+def quantized(tiny_llama, fmt="fp8", group_size=None):
+    model = models.load_model(tiny_llama, "float32")
+    tok = models.load_tokenizer(tiny_llama)
+    tokens = calibration.tokenize(
+        calibration_spec(), calibration.load_texts(calibration_spec(), Path(".")), tok
+    )
+    quantize(
+        model,
+        QuantizeConfig(format=fmt, group_size=group_size),
+        calibration.forward_loop(tokens, 4),
+    )
+    return model
+
+
+def calibration_spec():
+    from optimizer.recipe import CalibrationSpec
+
+    return CalibrationSpec(dataset=str(CALIBRATION), num_samples=8, seq_len=64)
+
+
+def test_qat_lowers_the_training_loss(tiny_llama, splits, tmp_path):
+    model = quantized(tiny_llama)
+    m = train(model, config(), splits, output_dir=tmp_path / "ckpt")
+    assert m["trainer"] == "QATTrainer" and m["steps"] == 6 and m["steps_this_run"] == 6
+    assert m["tokens"] == 6 * 4 * 64
+    # Cross-entropy of a random model on real text: training must move it down clearly.
+    assert m["after"]["train_loss"] < m["before"]["train_loss"] - 0.1
+    assert m["after"]["heldout_loss"] < m["before"]["heldout_loss"] - 0.1
+    assert m["loss_curve"][-1][1] < m["loss_curve"][0][1]
+    assert [s for s, _ in m["loss_curve"]] == [1, 2, 3, 4, 5, 6]
+    assert next(model.parameters()).dtype == torch.float32  # back in its compute dtype
+
+
+def test_qad_lowers_the_distillation_loss(tiny_llama, splits, tmp_path):
+    model = quantized(tiny_llama, "int4_awq", 64)
+    teacher = models.load_model(tiny_llama, "float32")
+    m = train(
+        model, config(learning_rate=1e-4), splits, output_dir=tmp_path / "ckpt", teacher=teacher
+    )
+    assert m["trainer"] == "QADTrainer"
+    # The KD loss (student vs its unquantized self) is what QAD minimises.
+    assert m["after"]["train_loss"] < 0.95 * m["before"]["train_loss"]
+    assert "heldout_ce_loss" in m["after"]  # cross-entropy is reported beside it
+
+
+@pytest.fixture
+def perturbed(tiny_llama):
+    """An unquantized student that differs from the teacher (as after pruning would)."""
+    student = models.load_model(tiny_llama, "float32")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return student, models.load_model(tiny_llama, "float32")
+
+
+def test_distill_lowers_the_kd_loss_and_composes_the_loss_terms(perturbed, splits, tmp_path):
+    student, teacher = perturbed
+    kd = train(student, config(), splits, output_dir=tmp_path / "a", teacher=teacher)
+    assert kd["trainer"] == "KDTrainer"
+    assert kd["after"]["train_loss"] < 0.9 * kd["before"]["train_loss"]
+
+    # ce_weight 1, kd_weight 0: the loss is exactly the cross-entropy reported beside it.
+    ce_only = DistillationLoss(kd_weight=0.0, ce_weight=1.0)
+    m = train(
+        perturbed[0],
+        config(steps=1),
+        splits,
+        output_dir=tmp_path / "b",
+        teacher=teacher,
+        distillation=ce_only,
+    )
+    assert m["before"]["heldout_loss"] == pytest.approx(m["before"]["heldout_ce_loss"], rel=1e-4)
+
+    # A hidden-state loss adds a positive term to the KD loss.
+    layers = DistillationLoss(
+        layer_losses=[{"student": "model.layers.1", "teacher": "model.layers.1", "weight": 10.0}]
+    )
+    student2, _ = perturbed
+    with_layers = train(
+        student2,
+        config(steps=1),
+        splits,
+        output_dir=tmp_path / "c",
+        teacher=teacher,
+        distillation=layers,
+    )
+    kd_1 = train(student2, config(steps=1), splits, output_dir=tmp_path / "d", teacher=teacher)
+    assert with_layers["before"]["heldout_loss"] > kd_1["before"]["heldout_loss"] + 1e-4
+
+
+def test_bad_layer_and_frozen_names_are_clear_errors(perturbed, splits, tmp_path):
+    student, teacher = perturbed
+    bad = DistillationLoss(layer_losses=[{"student": "model.layer.1", "teacher": "model.layers.1"}])
+    with pytest.raises(OptimizerError, match="student has no module 'model.layer.1'.*did you mean"):
+        train(
+            student, config(), splits, output_dir=tmp_path / "a", teacher=teacher, distillation=bad
+        )
+    with pytest.raises(OptimizerError, match="frozen pattern 'lm_heads\\*' matches no parameter"):
+        train(
+            student,
+            config(frozen=["lm_heads*"]),
+            splits,
+            output_dir=tmp_path / "b",
+            teacher=teacher,
+        )
+    with pytest.raises(OptimizerError, match="not quantized .* no teacher"):
+        train(student, config(), splits, output_dir=tmp_path / "c")
+
+
+def test_frozen_parameters_do_not_move(perturbed, splits, tmp_path):
+    student, teacher = perturbed
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    train(
+        student,
+        config(steps=2, frozen=["*embed_tokens*", "model.layers.0.*"]),
+        splits,
+        output_dir=tmp_path / "a",
+        teacher=teacher,
+    )
+    after = dict(student.named_parameters())
+    for name, p in before.items():
+        moved = not torch.equal(p, after[name])
+        frozen = "embed_tokens" in name or name.startswith("model.layers.0.")
+        assert moved != frozen, name
+
+
+# ----------------------------------------------------------------- through the runner
+
+
+def qat_recipe(directory: Path, model: Path, *, steps=8, teacher="none", extra="") -> Path:
+    recipe = directory / "recipe.yaml"
+    recipe.write_text(
+        textwrap.dedent(f"""\
+        name: tiny-qat
+        model: {{source: {model}}}
+        calibration: {{dataset: {CALIBRATION}, num_samples: 8, seq_len: 64, batch_size: 4}}
+        stages:
+          - ptq: {{format: fp8}}
+          - qat:
+              teacher: {teacher}
+              data: {{dataset: {CALIBRATION}, max_eval_samples: 8}}
+              steps: {steps}
+              learning_rate: 1.0e-3
+              batch_size: 4
+              seq_len: 64
+              log_every: 1
+              save_every: 2
+              {extra}
+          - export: {{trtllm_checkpoint: {{tp: 1, pp: 1}}, hf_checkpoint: true}}
+        """)
+    )
+    return recipe
+
+
+def run_cli(recipe: Path, run_dir: Path, *flags: str) -> int:
+    from optimizer.cli import main
+
+    return main(["run", str(recipe), "-o", str(run_dir), "-q", *flags])
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_llama, tmp_path_factory):
+    """An uninterrupted ptq -> qat -> export run (the reference for the resume test)."""
+    d = tmp_path_factory.mktemp("qat")
+    recipe = qat_recipe(d, tiny_llama)
+    assert run_cli(recipe, d / "run") == 0
+    return recipe, d / "run"
+
+
+def test_qat_stage_trains_saves_and_exports_validator_clean(finished):
+    _, run_dir = finished
+    rec = json.loads((run_dir / "run.json").read_text())
+    qat = rec["stages"][1]
+    m = qat["metrics"]
+    assert m["trainer"] == "QATTrainer" and m["steps"] == 8
+    assert m["after"]["train_loss"] < m["before"]["train_loss"]
+    assert set(qat["inputs"]) == {"training_data"}
+    assert (Path(qat["outputs"]["training"]["path"]) / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(run_dir.glob(".checkpoints-*"))  # dropped once the stage committed
+    assert check_checkpoint(run_dir / "trtllm_checkpoint") == []
+    hf = json.loads((run_dir / "hf_checkpoint" / "config.json").read_text())
+    assert hf["quantization_config"]["quant_method"] == "modelopt"
+    # The hand-over is the trained model, not the PTQ one.
+    ptq = load_file(Path(rec["stages"][0]["outputs"]["model"]["path"]) / "model.safetensors")
+    trained = load_file(Path(qat["outputs"]["model"]["path"]) / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(ptq[key], trained[key])
+
+
+KILL_AFTER_CHECKPOINT = textwrap.dedent("""
+    import os, signal, sys
+    import transformers
+    from optimizer.cli import main
+
+    save = transformers.Trainer._save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        if self.state.global_step == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, as a preempted job dies
+
+    transformers.Trainer._save_checkpoint = save_then_die
+    sys.exit(main(["run", sys.argv[1], "-o", sys.argv[2], "-q"]))
+""")
+
+
+def test_killed_training_resumes_from_its_last_checkpoint_to_the_same_model(finished, tmp_path):
+    recipe, reference = finished
+    run_dir = tmp_path / "killed"
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(recipe), str(run_dir), "4"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (ckpts,) = run_dir.glob(".checkpoints-01-qat")
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    assert run_cli(recipe, run_dir, "--resume") == 0
+    rec = json.loads((run_dir / "run.json").read_text())
+    assert [s["status"] for s in rec["stages"]] == ["skipped", "success", "success"]
+    m = rec["stages"][1]["metrics"]
+    assert (m["resumed_from_step"], m["steps_this_run"], m["steps"]) == (4, 4, 8)
+    log = (run_dir / "logs" / "run.log").read_text()
+    assert "resuming training from checkpoint-4" in log
+    assert "step 5/8: loss" in log and log.count("step 1/8: loss") == 1  # 1-4: before the kill
+    ref = json.loads((reference / "run.json").read_text())["stages"][1]
+    assert m["loss_curve"] == ref["metrics"]["loss_curve"]
+    assert m["before"] == ref["metrics"]["before"]
+    ours = load_file(Path(rec["stages"][1]["outputs"]["model"]["path"]) / "model.safetensors")
+    theirs = load_file(Path(ref["outputs"]["model"]["path"]) / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+
+
+def test_a_changed_recipe_discards_stale_checkpoints(tiny_llama, tmp_path):
+    recipe = qat_recipe(tmp_path, tiny_llama, steps=4)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(recipe), str(run_dir), "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    recipe = qat_recipe(tmp_path, tiny_llama, steps=4, extra="seed: 1")
+    assert run_cli(recipe, run_dir, "--resume") == 0
+    m = json.loads((run_dir / "run.json").read_text())["stages"][1]["metrics"]
+    assert m["resumed_from_step"] == 0 and m["steps_this_run"] == 4
+    assert "discarding checkpoints of a different" in (run_dir / "logs" / "run.log").read_text()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo launch tested on Linux")
+def test_two_process_launch_trains_with_ddp_and_only_rank0_writes(tiny_llama, tmp_path):
+    recipe = qat_recipe(tmp_path, tiny_llama, steps=4)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "optimizer",
+            "run",
+            str(recipe),
+            "-o",
+            str(run_dir),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((run_dir / "run.json").read_text())
+    assert rec["status"] == "success"
+    m = rec["stages"][1]["metrics"]
+    assert m["world_size"] == 2 and m["steps"] == 4
+    assert m["tokens"] == 4 * 4 * 2 * 64  # both processes' batches count
+    assert m["after"]["train_loss"] < m["before"]["train_loss"]
+    assert check_checkpoint(run_dir / "trtllm_checkpoint") == []
+    assert (run_dir / "logs" / "run.rank1.log").is_file()
+    assert "no multi-process stage from here on" in (run_dir / "logs" / "run.rank1.log").read_text()
+    assert not [p for p in run_dir.rglob("*") if "rank1" in p.name and p.is_dir()]
