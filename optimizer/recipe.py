@@ -293,7 +293,7 @@ def _problems_from(
         elif err["type"] == "missing":
             msg = "required key is missing"
         else:
-            msg = err["msg"]
+            msg = err["msg"].removeprefix("Value error, ")  # a model validator's own words
             if err["type"] == "literal_error":
                 msg = msg.replace("Input should be", "must be one of:").replace("' or '", "', '")
                 msg += f", not {err['input']!r}" + did_you_mean(

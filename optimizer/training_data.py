@@ -64,13 +64,19 @@ class TrainingData(BaseModel):
 def load_documents(spec: TrainingData, base_dir: Path) -> list[Document]:
     records, where = documents.read(spec.dataset, spec.subset, spec.split, base_dir, KIND)
     docs = [_document(r, spec, where) for r in records]
-    docs = [d for d in docs if (d.strip() if isinstance(d, str) else d)]
+    docs = [d for d in docs if _has_text(d)]
     if len(docs) < 2:
         raise OptimizerError(
             f"training dataset {spec.dataset} holds {len(docs)} document(s); at least 2 are "
             "needed (one to train on, one held out)"
         )
     return docs
+
+
+def _has_text(doc: Document) -> bool:
+    if isinstance(doc, str):
+        return bool(doc.strip())
+    return any(t["content"].strip() for t in doc)
 
 
 def _document(record: Any, spec: TrainingData, where: str) -> Document:

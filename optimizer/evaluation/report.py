@@ -136,7 +136,7 @@ def loss_curve_png(stage: str, metrics: dict[str, Any]) -> bytes:
 def _training_rows(training: Training) -> list[list[str]]:
     rows = []
     for name, m in training:
-        before, after = m.get("before", {}), m.get("after", {})
+        before, after = m.get("before") or {}, m.get("after") or {}
         rows.append(
             [
                 name,
@@ -282,7 +282,9 @@ def regenerate(run_dir: Path) -> Path:
         record = json.loads((run_dir / "run.json").read_text())
     except (OSError, ValueError) as e:
         raise OptimizerError(f"{run_dir} has no readable run.json ({e})") from None
-    gate_file = record.get("artifacts", {}).get("gate")
+    if not isinstance(record, dict):
+        raise OptimizerError(f"{run_dir}/run.json does not describe a run")
+    gate_file = (record.get("artifacts") or {}).get("gate")
     if not gate_file or not Path(gate_file).is_file():
         raise OptimizerError(
             f"{run_dir}: this run has no gate result (run a recipe with a gate stage)"
@@ -291,7 +293,19 @@ def regenerate(run_dir: Path) -> Path:
         gate, meta = read_gate(Path(gate_file))
     except (OSError, ValueError, ValidationError) as e:
         raise OptimizerError(f"{gate_file} is not a readable gate result ({e})") from None
+    # The training stages the gate judged: those before the stage that wrote the report.
     stages = record.get("stages") or []
-    training = training_stages([(s.get("name", "?"), s.get("metrics")) for s in stages])
+    report_dir = str(Path(gate_file).parent)
+    gate_index = next(
+        (
+            i
+            for i, s in enumerate(stages)
+            if any(o.get("path") == report_dir for o in (s.get("outputs") or {}).values())
+        ),
+        len(stages),
+    )
+    training = training_stages(
+        [(s.get("name", "?"), s.get("metrics")) for s in stages[:gate_index]]
+    )
     _write_pages(Path(gate_file).parent, gate, meta, training)
     return Path(gate_file).parent / "report.html"

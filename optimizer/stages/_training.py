@@ -38,8 +38,9 @@ class TrainingStage(Stage, TrainingConfig, DistillationLoss):
                 problems.append(
                     (
                         sorted(loss_fields)[0],
-                        f"{', '.join(sorted(loss_fields))} only apply when distilling from a "
-                        "teacher (teacher: original)",
+                        f"{', '.join(sorted(loss_fields))} "
+                        f"{'applies' if len(loss_fields) == 1 else 'apply'} only when "
+                        "distilling from a teacher (teacher: original)",
                     )
                 )
         return plan, problems

@@ -99,6 +99,10 @@ class TrainingConfig(BaseModel):
     #: fnmatch patterns of parameter names to keep frozen (e.g. ``"*embed_tokens*"``).
     frozen: list[str] = Field(default_factory=list)
     gradient_checkpointing: bool = False
+    #: Shard parameters, gradients and optimizer state over the processes of a multi-process
+    #: launch with FSDP2 (for models whose training state does not fit one GPU); else each
+    #: process holds a full copy (DDP).
+    fsdp: bool = False
     #: Log the training loss every this many steps.
     log_every: Annotated[int, Field(gt=0)] = 10
     #: Evaluate the held-out loss every this many steps (default: 5 times per run).
@@ -170,6 +174,9 @@ def train(
         seed=config.seed,
         data_seed=config.seed,
         gradient_checkpointing=config.gradient_checkpointing,
+        # FSDP2, wrapping each decoder layer (transformers reads the model's _no_split_modules)
+        fsdp="full_shard auto_wrap" if config.fsdp else "",
+        fsdp_config={"version": 2} if config.fsdp else None,
         bf16=bool(bf16_autocast and cuda),
         use_cpu=not cuda,
         logging_steps=config.log_every,

@@ -1,0 +1,202 @@
+"""A corpus of bad ``qat`` / ``distill`` recipes: each is refused by ``optimize validate``
+(exit 2) with one readable message naming the problem, and ``optimize run`` writes nothing."""
+
+import pytest
+
+from optimizer.cli import main
+
+HEAD = """\
+name: bad
+model: {{source: {model}}}
+calibration: {{dataset: {calib}, num_samples: 8, seq_len: 64}}
+stages:
+"""
+PTQ = "  - ptq: {{format: fp8}}\n"
+
+#: (id, the stages of the recipe (YAML, a template with {model}/{calib}), message fragment)
+CASES = [
+    (
+        "qat-unknown-key",
+        PTQ + "  - qat: {{stepz: 5}}\n",
+        "stages[1].qat.stepz: unknown key 'stepz'; did you mean 'steps'?",
+    ),
+    (
+        "qat-steps-and-epochs",
+        PTQ + "  - qat: {{steps: 5, epochs: 1}}\n",
+        "set steps or epochs, not both",
+    ),
+    ("qat-steps-0", PTQ + "  - qat: {{steps: 0}}\n", "qat.steps: Input should be greater than 0"),
+    (
+        "qat-negative-lr",
+        PTQ + "  - qat: {{learning_rate: -1.0e-5}}\n",
+        "qat.learning_rate: Input should be greater than 0",
+    ),
+    (
+        "qat-warmup-1.5",
+        PTQ + "  - qat: {{warmup_ratio: 1.5}}\n",
+        "qat.warmup_ratio: Input should be less than 1",
+    ),
+    (
+        "qat-bad-scheduler",
+        PTQ + "  - qat: {{lr_scheduler: cosinee}}\n",
+        "qat.lr_scheduler: must be one of: 'cosine', 'linear', 'constant', "
+        "'constant_with_warmup', not 'cosinee'; did you mean 'cosine'?",
+    ),
+    (
+        "qat-batch-size-0",
+        PTQ + "  - qat: {{batch_size: 0}}\n",
+        "qat.batch_size: Input should be greater than 0",
+    ),
+    (
+        "qat-seq-len-1",
+        PTQ + "  - qat: {{seq_len: 1}}\n",
+        "qat.seq_len: Input should be greater than 1",
+    ),
+    (
+        "qat-eval-fraction-0",
+        PTQ + "  - qat: {{data: {{eval_fraction: 0}}}}\n",
+        "qat.data.eval_fraction: Input should be greater than 0",
+    ),
+    (
+        "qat-eval-fraction-1",
+        PTQ + "  - qat: {{data: {{eval_fraction: 1}}}}\n",
+        "qat.data.eval_fraction: Input should be less than 1",
+    ),
+    (
+        "qat-missing-dataset-file",
+        PTQ + "  - qat: {{data: {{dataset: nope.jsonl}}}}\n",
+        "qat.data.dataset: training file not found: nope.jsonl",
+    ),
+    (
+        "qat-data-unknown-key",
+        PTQ + "  - qat: {{data: {{datset: x}}}}\n",
+        "qat.data.datset: unknown key 'datset'; did you mean 'dataset'?",
+    ),
+    (
+        "qat-teacher-not-none-or-original",
+        PTQ + "  - qat: {{teacher: teacher}}\n",
+        "qat.teacher: must be one of: 'none', 'original', not 'teacher'",
+    ),
+    (
+        "qat-without-ptq",
+        "  - qat: {{steps: 2}}\n",
+        "put a ptq (or auto_quantize) stage before it",
+    ),
+    (
+        "qat-after-export",
+        PTQ
+        + "  - export: {{trtllm_checkpoint: null, hf_checkpoint: true}}\n"
+        + "  - qat: {{steps: 2}}\n",
+        "'qat' comes after 'export'",
+    ),
+    (
+        "qat-temperature-without-teacher",
+        PTQ + "  - qat: {{temperature: 2.0}}\n",
+        "qat.temperature: temperature applies only when distilling from a teacher",
+    ),
+    (
+        "qat-loss-weights-without-teacher",
+        PTQ + "  - qat: {{temperature: 2.0, ce_weight: 1.0}}\n",
+        "ce_weight, temperature apply only when distilling",
+    ),
+    (
+        "qad-temperature-0",
+        PTQ + "  - qat: {{teacher: original, temperature: 0}}\n",
+        "qat.temperature: Input should be greater than 0",
+    ),
+    (
+        "distill-temperature-0",
+        "  - distill: {{temperature: 0}}\n",
+        "distill.temperature: Input should be greater than 0",
+    ),
+    (
+        "distill-no-loss-term",
+        "  - distill: {{kd_weight: 0, ce_weight: 0}}\n",
+        "kd_weight and ce_weight are both 0 and there are no layer_losses",
+    ),
+    (
+        "distill-layer-loss-without-teacher",
+        "  - distill: {{layer_losses: [{{student: model.layers.1}}]}}\n",
+        "distill.layer_losses[0].teacher: required key is missing",
+    ),
+    (
+        "distill-layer-loss-l1",
+        "  - distill: {{layer_losses: [{{student: model.layers.1, teacher: model.layers.1, "
+        "loss: l1}}]}}\n",
+        "layer_losses[0].loss: must be one of: 'mse', 'cosine', not 'l1'",
+    ),
+    (
+        "distill-missing-teacher-dir",
+        "  - distill: {{teacher: ./missing-dir}}\n",
+        "distill.teacher: './missing-dir' is neither an existing local directory",
+    ),
+    (
+        "distill-teacher-dir-not-a-checkpoint",
+        "  - distill: {{teacher: ./empty-dir}}\n",
+        "empty-dir is not a Hugging Face checkpoint directory (no config.json)",
+    ),
+    (
+        "distill-frozen-not-a-list",
+        "  - distill: {{frozen: '*embed*'}}\n",
+        "distill.frozen: Input should be a valid list",
+    ),
+]
+
+#: Cases also run through ``optimize run -o DIR``: refused before the run directory exists.
+RUN_CASES = {
+    "qat-steps-0",
+    "qat-missing-dataset-file",
+    "qat-without-ptq",
+    "distill-missing-teacher-dir",
+}
+
+
+@pytest.fixture
+def bad_recipe(write_recipe, tmp_path):
+    def write(stages: str):
+        (tmp_path / "empty-dir").mkdir(exist_ok=True)
+        return write_recipe(HEAD + stages, name="bad.yaml")
+
+    return write
+
+
+def assert_one_clear_error(err: str, fragment: str) -> None:
+    assert fragment in err, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert fragment in errors[0]
+
+
+@pytest.mark.parametrize(("case", "stages", "fragment"), CASES, ids=[c[0] for c in CASES])
+def test_validate_refuses_with_one_clear_message(case, stages, fragment, bad_recipe, capsys):
+    path = bad_recipe(stages)
+    assert main(["validate", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert_one_clear_error(err, fragment)
+    assert str(path) in err  # the message names the file (and line)
+
+
+@pytest.mark.parametrize(
+    ("case", "stages", "fragment"),
+    [c for c in CASES if c[0] in RUN_CASES],
+    ids=[c[0] for c in CASES if c[0] in RUN_CASES],
+)
+def test_run_refuses_before_writing_anything(case, stages, fragment, bad_recipe, tmp_path, capsys):
+    path = bad_recipe(stages)
+    run_dir = tmp_path / "run"
+    assert main(["run", str(path), "-o", str(run_dir), "-q"]) == 2
+    _, err = capsys.readouterr()
+    assert_one_clear_error(err, fragment)
+    assert not run_dir.exists()
+
+
+def test_the_corpus_recipes_differ_from_a_valid_one_only_in_the_bad_field(bad_recipe, capsys):
+    """The base of the corpus is valid: each case fails for its own reason alone."""
+    ok = bad_recipe(PTQ + "  - qat: {{steps: 2, teacher: original, temperature: 2.0}}\n")
+    assert main(["validate", str(ok)]) == 0
+    ok = bad_recipe(
+        "  - distill: {{steps: 2, kd_weight: 0, ce_weight: 1.0, frozen: ['*embed*']}}\n"
+    )
+    assert main(["validate", str(ok)]) == 0
+    capsys.readouterr()
