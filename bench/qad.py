@@ -87,7 +87,7 @@ def run_cell(fmt: str, variant: str, args: argparse.Namespace, suite: Path) -> d
         "wall_seconds": round(wall, 1),
         "stage_seconds": {s["name"]: s["seconds"] for s in rec["stages"]},
         "metrics": {
-            m["metric"]: {"baseline": m["baseline"], "candidate": m["candidate"], "docs": m["docs"]}
+            m["metric"]: {"baseline": m["baseline"], "candidate": m["candidate"], "docs": m["n"]}
             for m in gate["metrics"]
         },
         "passed": gate["passed"],
