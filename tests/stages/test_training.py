@@ -245,16 +245,21 @@ KILL_AFTER_CHECKPOINT = textwrap.dedent("""
 """)
 
 
-def test_killed_training_resumes_from_its_last_checkpoint_to_the_same_model(finished, tmp_path):
-    recipe, reference = finished
-    run_dir = tmp_path / "killed"
+def kill_after_checkpoint(recipe: Path, run_dir: Path, step: int) -> None:
+    """Run the recipe in a subprocess that is SIGKILLed right after its step-``step`` save."""
     proc = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(recipe), str(run_dir), "4"],
+        [sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(recipe), str(run_dir), str(step)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def test_killed_training_resumes_from_its_last_checkpoint_to_the_same_model(finished, tmp_path):
+    recipe, reference = finished
+    run_dir = tmp_path / "killed"
+    kill_after_checkpoint(recipe, run_dir, 4)
     (ckpts,) = run_dir.glob(".checkpoints-01-qat")
     assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
@@ -279,13 +284,7 @@ def test_killed_training_resumes_from_its_last_checkpoint_to_the_same_model(fini
 def test_a_changed_recipe_discards_stale_checkpoints(tiny_llama, tmp_path):
     recipe = qat_recipe(tmp_path, tiny_llama, steps=4)
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(recipe), str(run_dir), "2"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    kill_after_checkpoint(recipe, run_dir, 2)
     recipe = qat_recipe(tmp_path, tiny_llama, steps=4, extra="seed: 1")
     assert run_cli(recipe, run_dir, "--resume") == 0
     m = json.loads((run_dir / "run.json").read_text())["stages"][1]["metrics"]
