@@ -4,6 +4,7 @@ the previous stage (loaded lazily from its saved checkpoint after a resume)."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,13 +111,15 @@ class StageContext:
         rank gets the same path (only the Trainer's main process writes there)."""
         path = self.directory.checkpoints(self.index, self.recipe.stages[self.index].name)
         marker = path / "FINGERPRINT"
-        stale = not marker.is_file() or marker.read_text() != self.fingerprint
+        # The number of processes is part of it: data order, RNG files and steps follow it.
+        valid_for = f"{self.fingerprint} world_size={os.environ.get('WORLD_SIZE', '1')}"
+        stale = not marker.is_file() or marker.read_text() != valid_for
         if self.directory.writer and stale:
             if path.exists():
                 log.info("discarding checkpoints of a different %s configuration", path.name)
             shutil.rmtree(path, ignore_errors=True)
-            path.mkdir(parents=True)
-            marker.write_text(self.fingerprint)
+            path.mkdir(parents=True, exist_ok=True)
+            marker.write_text(valid_for)
         return path
 
     def new_output(self, key: str) -> Path:

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -154,6 +155,31 @@ def log_to_file(path: Path):
         handler.close()
 
 
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def join_process_group() -> None:
+    """Under torchrun / accelerate launch: set up the process group now (the Trainer reuses
+    it), so that the ranks can agree on the previous run before rank 0 writes anything."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (identity in a single process)."""
+    if world_size() == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def leave_process_group() -> None:
     """After the last multi-process stage: wait for every rank (rank 0 has committed its
     outputs by then), then leave the process group the trainer set up, so that the stages
@@ -199,14 +225,23 @@ class Runner:
                 self.dir.clear()
             previous = None
         else:
-            previous = self.dir.read()
-        if previous is not None and not self.resume and self.dir.writer:
+            previous = self.dir.read() if self.dir.writer else None
+        if world_size() > 1:
+            # Rank 0's view of the previous run is every rank's: rank 0 overwrites run.json
+            # right after this, and ranks must skip and redo the same stages.
+            join_process_group()
+            previous = from_rank0(previous)
+        if previous is not None and not self.resume:  # (every rank: they all stop)
             raise OptimizerError(
                 f"{self.dir.path} already holds a run (status: {previous.status}). Use "
                 "--resume to continue it (finished, unchanged stages are kept), --force to "
                 "start over (deletes it), or -o to choose another directory."
             )
         self.dir.remove_temporaries()
+        # Training checkpoints of stages this recipe no longer has at that place are dead.
+        self.dir.drop_checkpoints(
+            keep={self.dir.checkpoints(i, st.name).name for i, st in enumerate(self.recipe.stages)}
+        )
         # Every rank writes its own log file (run.log on rank 0, run.rankN.log elsewhere).
         self.dir.logs.mkdir(parents=True, exist_ok=True)
         self.dir.write_text("recipe.yaml", self.recipe.to_yaml())
@@ -313,6 +348,7 @@ class Runner:
                 self.record.error = RunError(stage="gate", message="; ".join(failures))
                 raise GateFailed("; ".join(failures))
             self.record.status = "success"
+            self.dir.drop_checkpoints()
         except KeyboardInterrupt:
             self.record.status = "interrupted"
             self.record.error = RunError(message="interrupted by the user")

@@ -7,8 +7,8 @@ per-stage records, artifacts), ``DIR/recipe.yaml``, ``DIR/logs/run.log``; artifa
 
 Rank-aware: in a multi-process job (``torchrun`` sets ``RANK``) only rank 0 locks, writes
 and commits; the other ranks read, and their scratch outputs are per rank and never
-committed, so processes of one stage cannot collide on a file. (Synchronising ranks —
-barriers after a commit — is the launching stage's job; none exists yet.)
+committed, so processes of one stage cannot collide on a file. (How ranks agree — on the
+previous run, and after the last multi-process stage — is the runner's: optimizer/pipeline.py.)
 """
 
 from __future__ import annotations
@@ -110,9 +110,14 @@ class RunDirectory:
         kept across a killed run (``remove_temporaries`` leaves it) until the stage commits."""
         return self.path / f".checkpoints-{index:02d}-{name}"
 
-    def drop_checkpoints(self, index: int) -> None:
-        if self.writer:
-            for p in self.path.glob(f".checkpoints-{index:02d}-*"):
+    def drop_checkpoints(self, index: int | None = None, keep: set[str] = frozenset()) -> None:
+        """Remove stage ``index``'s checkpoints (all stages' if None), except those named in
+        ``keep`` (directory names)."""
+        if not self.writer:
+            return
+        pattern = ".checkpoints-*" if index is None else f".checkpoints-{index:02d}-*"
+        for p in self.path.glob(pattern):
+            if p.name not in keep:
                 shutil.rmtree(p, ignore_errors=True)
 
     def lock(self) -> None:

@@ -82,6 +82,13 @@ class TrainingStage(Stage, TrainingConfig, DistillationLoss):
             bf16_autocast=hardware.gpu_present() and ctx.state.compute_dtype == "bfloat16",
         )
         del teacher
+        gathered = metrics.pop("gathered_checkpoint", None)
+        if gathered is not None:  # FSDP2: carry on with the gathered, unsharded model
+            from optimizer import models
+
+            ctx.state.model = models.load_model(
+                Path(gathered), ctx.state.compute_dtype, ctx.state.trust_remote_code
+            )
         ctx.log.info(
             "trained %d steps (%d this run, %s tokens) in %.0f s: held-out loss %.4f -> %.4f",
             metrics["steps"],

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: Where the evaluation before training is kept, so a resumed run reports it too.
 BEFORE_FILE = "eval_before.json"
+#: Where an FSDP2-trained model is gathered into one checkpoint (inside ``output_dir``).
+GATHERED_DIR = "gathered"
 
 
 class LayerLoss(BaseModel):
@@ -144,7 +146,6 @@ def train(
     from modelopt.torch.opt.plugins.transformers import ModelOptTrainerArguments
     from modelopt.torch.quantization.utils import is_quantized
     from transformers import TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
 
     distillation = distillation or DistillationLoss()
     quantized = is_quantized(model)
@@ -158,6 +159,11 @@ def train(
 
     cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun / accelerate launch set it
+    if config.fsdp and not cuda:
+        raise OptimizerError(
+            "fsdp: true needs CUDA GPUs (accelerate runs CPU processes as plain DDP); set "
+            "fsdp: false here, or run on GPUs under torchrun / accelerate launch"
+        )
     total = config.total_steps(len(splits.train), world)
     output_dir.mkdir(parents=True, exist_ok=True)
     args = TrainingArguments(
@@ -192,8 +198,7 @@ def train(
         ddp_find_unused_parameters=False,
     )
 
-    original_dtype = next(model.parameters()).dtype
-    model.float()
+    restore_dtypes = _float32_master_weights(model)
     if teacher is not None and not cuda:
         teacher.float()  # CPU autocast is off: both compute in float32
     trainer_cls = _trainer_class(quantized=quantized, teacher=teacher is not None)
@@ -214,11 +219,16 @@ def train(
             "temperature": distillation.temperature,
         }
     trainer = trainer_cls(**kwargs)
+    if teacher is not None:
+        # ModelOpt's KD loss is a per-micro-batch mean that ignores num_items_in_batch; with
+        # this False the Trainer divides it by the accumulation steps as it must.
+        trainer.model_accepts_loss_kwargs = False
     _quiet_metric_dicts(trainer)
     if teacher is not None:
         trainer.setup_loss_terms(distillation, teacher)
 
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    _barrier()  # rank 0 prepared output_dir (ctx.checkpoint_dir); all ranks now read it
+    last = last_complete_checkpoint(output_dir)
     before_file = output_dir / BEFORE_FILE
     if last is not None and before_file.is_file():
         before = json.loads(before_file.read_text())
@@ -233,10 +243,11 @@ def train(
 
     t0 = time.time()
     with _collector_frozen():
-        result = trainer.train(resume_from_checkpoint=last)
+        trainer.train(resume_from_checkpoint=last)
         seconds = time.time() - t0
         after = _evaluate(trainer)
-    model.to(original_dtype)
+    restore_dtypes(model)
+    gathered = _save_gathered(trainer, output_dir / GATHERED_DIR) if config.fsdp else None
 
     steps_done = trainer.state.global_step
     tokens_per_step = config.batch_size * config.gradient_accumulation * world * splits.seq_len
@@ -248,8 +259,7 @@ def train(
         "steps_this_run": steps_done - resumed_from,
         "world_size": world,
         "tokens": steps_done * tokens_per_step,
-        "train_seconds": round(seconds, 1),
-        "train_loss_mean": round(float(result.training_loss), 5),
+        "train_seconds": round(seconds, 1),  # this run's (after a resume: the rest)
         "before": before,
         "after": after,
         "loss_curve": [
@@ -263,7 +273,73 @@ def train(
             }.items()
         ],
         "data": splits.summary(),
+        # FSDP2: the live model is sharded; the trained model is this checkpoint instead.
+        **({"gathered_checkpoint": gathered} if gathered else {}),
     }
+
+
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest ``checkpoint-N`` the Trainer finished writing (``trainer_state.json`` is
+    its last file), or None. Newer, half-written ones (a kill during a save) are deleted:
+    resuming from one would fail on a truncated file, or restart at step 0 with step-N
+    weights. Only rank 0 deletes."""
+    import shutil
+
+    if not output_dir.is_dir():
+        return None
+    found = sorted(
+        (int(p.name.split("-")[1]), p)
+        for p in output_dir.glob("checkpoint-*")
+        if p.name.split("-")[1].isdigit()
+    )
+    for _, path in reversed(found):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        if _rank() == 0:
+            log.info("dropping %s: written only in part (killed during a save)", path.name)
+            shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _float32_master_weights(model):
+    """Cast ``model`` to float32 for training; return the function that puts every tensor
+    back in exactly the dtype it had (a bf16 load keeps rotary frequencies and
+    keep-in-fp32 modules in float32, which a blanket ``.to(bf16)`` would round)."""
+    import itertools
+
+    before = {
+        name: t.dtype
+        for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+    }
+    model.float()
+
+    def restore(trained) -> None:
+        for name, t in itertools.chain(trained.named_parameters(), trained.named_buffers()):
+            dtype = before.get(name)
+            if dtype is not None and t.dtype != dtype:
+                t.data = t.data.to(dtype)
+
+    return restore
+
+
+def _save_gathered(trainer, directory: Path) -> str:
+    """After FSDP2 training every process holds a shard of the model: gather the full
+    weights into ``directory`` (ModelOpt's ``save_model`` switches to a full state dict and
+    writes ModelOpt state; every rank takes part, rank 0 writes)."""
+    trainer.save_model(str(directory))
+    _barrier()
+    return str(directory)
 
 
 @contextlib.contextmanager
