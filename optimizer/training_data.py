@@ -190,7 +190,8 @@ def _pack(texts: list[str], tokenizer, seq_len: int, limit: int | None, name: st
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
     need = None if limit is None else limit * seq_len
-    # A chat template already writes the special tokens; plain text gets the tokenizer's.
+    # No tokenizer-added specials: a chat template writes its own, and documents are
+    # separated by EOS (as in calibration), not wrapped in BOS.
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         stream.extend(list(ids) + sep)
         if need is not None and len(stream) >= need:

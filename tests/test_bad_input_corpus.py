@@ -136,6 +136,22 @@ CASES = [
         "empty-dir is not a Hugging Face checkpoint directory (no config.json)",
     ),
     (
+        "qat-seq-len-beyond-positions",
+        PTQ + "  - qat: {{seq_len: 2048}}\n",
+        "qat.seq_len: seq_len 2048 exceeds the model's max_position_embeddings (1024)",
+    ),
+    (
+        "qad-layer-loss-beyond-last-layer",
+        PTQ + "  - qat: {{teacher: original, layer_losses: [{{student: model.layers.5, "
+        "teacher: model.layers.1}}]}}\n",
+        "layer_losses[0].student: model.layers.5: the model has 2 layers (0-1)",
+    ),
+    (
+        "distill-teacher-other-vocabulary",
+        "  - distill: {{teacher: ./other-vocab}}\n",
+        "distill.teacher: the teacher's vocabulary (999 tokens) differs from the student's",
+    ),
+    (
         "distill-frozen-not-a-list",
         "  - distill: {{frozen: '*embed*'}}\n",
         "distill.frozen: Input should be a valid list",
@@ -155,6 +171,9 @@ RUN_CASES = {
 def bad_recipe(write_recipe, tmp_path):
     def write(stages: str):
         (tmp_path / "empty-dir").mkdir(exist_ok=True)
+        other = tmp_path / "other-vocab"
+        other.mkdir(exist_ok=True)
+        (other / "config.json").write_text('{"model_type": "llama", "vocab_size": 999}')
         return write_recipe(HEAD + stages, name="bad.yaml")
 
     return write

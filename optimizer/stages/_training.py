@@ -32,6 +32,26 @@ class TrainingStage(Stage, TrainingConfig, DistillationLoss):
         msg = self.data.problem(env.base_dir)
         if msg:
             problems.append(("data.dataset", msg))
+        dims = prev.dims
+        limit = dims.max_position_embeddings if dims and not dims.rope_scaling else None
+        if limit and self.seq_len > limit:
+            problems.append(
+                (
+                    "seq_len",
+                    f"seq_len {self.seq_len} exceeds the model's max_position_embeddings ({limit})",
+                )
+            )
+        if dims is not None and dims.num_hidden_layers is not None:
+            for i, pair in enumerate(self.layer_losses):
+                layer = _layer_index(pair.student)
+                if layer is not None and layer >= dims.num_hidden_layers:
+                    problems.append(
+                        (
+                            f"layer_losses[{i}].student",
+                            f"{pair.student}: the model has {dims.num_hidden_layers} layers "
+                            f"(0-{dims.num_hidden_layers - 1})",
+                        )
+                    )
         if not self.has_teacher:
             loss_fields = set(DistillationLoss.model_fields) & self.model_fields_set
             if loss_fields:
@@ -101,6 +121,15 @@ class TrainingStage(Stage, TrainingConfig, DistillationLoss):
         out = ctx.new_output("training")
         write_training_report(out, self.name, metrics)
         return StageResult(outputs={"training": out}, metrics=metrics)
+
+
+def _layer_index(module: str) -> int | None:
+    """``model.layers.11`` (or ``model.layers.11.mlp``) -> 11."""
+    parts = module.split(".")
+    for a, b in zip(parts, parts[1:], strict=False):
+        if a == "layers" and b.isdigit():
+            return int(b)
+    return None
 
 
 def write_training_report(directory: Path, stage: str, metrics: dict[str, Any]) -> None:

@@ -48,6 +48,18 @@ class Distill(TrainingStage):
             msg = models.check_source(self.teacher, env.base_dir)
             if msg:
                 problems.append(("teacher", f"{msg} (or 'original': the recipe's model)"))
+            else:
+                teacher = models.peek_config(self.teacher, env.base_dir) or {}
+                ours = prev.dims.vocab_size if prev.dims is not None else None
+                if ours and teacher.get("vocab_size") and teacher["vocab_size"] != ours:
+                    problems.append(
+                        (
+                            "teacher",
+                            f"the teacher's vocabulary ({teacher['vocab_size']} tokens) differs "
+                            f"from the student's ({ours}); logit distillation needs the same "
+                            "tokenizer",
+                        )
+                    )
         return plan, problems
 
     def inputs(self, base_dir: Path) -> list[Input]:
