@@ -385,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     except GateFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; rerun with --resume to continue", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"{e or 'interrupted'}; rerun with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

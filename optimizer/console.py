@@ -40,6 +40,27 @@ class _ConsoleFilter(logging.Filter):
         return not any(noise in message for noise in BENIGN_WARNINGS)
 
 
+def _on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt(
+        "terminated (SIGTERM: the job was stopped or preempted, or under torchrun another rank "
+        "failed; see logs/run.rankN.log)"
+    )
+
+
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM (a scheduler stopping or preempting the job; torchrun stopping the other ranks
+    when one fails) ends the run as Ctrl-C does: run.json says ``interrupted`` and why, the
+    exit code is 130, and ``--resume`` continues. Without this the process dies mid-write
+    and run.json keeps saying ``running``."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and (
+        signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _on_sigterm)
+    ):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def setup_process(quiet: bool) -> None:
     """Console logging on stderr and environment defaults for this process."""
     root = logging.getLogger()
@@ -53,6 +74,7 @@ def setup_process(quiet: bool) -> None:
     console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     root.addHandler(console)
     logging.captureWarnings(True)
+    _terminate_like_ctrl_c()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Local lm-eval tasks read local files; never wait on the hub for them.
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

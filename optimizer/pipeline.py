@@ -349,9 +349,9 @@ class Runner:
                 raise GateFailed("; ".join(failures))
             self.record.status = "success"
             self.dir.drop_checkpoints()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             self.record.status = "interrupted"
-            self.record.error = RunError(message="interrupted by the user")
+            self.record.error = RunError(message=str(e) or "interrupted by the user")
             raise
         except GateFailed:
             raise

@@ -266,22 +266,25 @@ KILL_AFTER_CHECKPOINT = textwrap.dedent("""
     def save_then_die(self, *args, **kwargs):
         save(self, *args, **kwargs)
         if self.state.global_step == int(sys.argv[3]):
-            os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, as a preempted job dies
+            # SIGKILL: no clean-up, as an OOM-killed job dies; SIGTERM: a scheduler's stop
+            os.kill(os.getpid(), getattr(signal, sys.argv[4]))
 
     transformers.Trainer._save_checkpoint = save_then_die
     sys.exit(main(["run", sys.argv[1], "-o", sys.argv[2], "-q"]))
 """)
 
 
-def kill_after_checkpoint(recipe: Path, run_dir: Path, step: int) -> None:
-    """Run the recipe in a subprocess that is SIGKILLed right after its step-``step`` save."""
+def kill_after_checkpoint(recipe: Path, run_dir: Path, step: int, sig: str = "SIGKILL"):
+    """Run the recipe in a subprocess that gets ``sig`` right after its step-``step`` save."""
     proc = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(recipe), str(run_dir), str(step)],
+        [sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(recipe), str(run_dir), str(step), sig],
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    if sig == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+    return proc
 
 
 def test_killed_training_resumes_from_its_last_checkpoint_to_the_same_model(finished, tmp_path):
@@ -309,6 +312,20 @@ def test_killed_training_resumes_from_its_last_checkpoint_to_the_same_model(fini
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert torch.equal(ours[k], theirs[k]), k
+
+
+def test_sigterm_ends_the_run_as_interrupted_and_resume_continues(tiny_llama, tmp_path):
+    recipe = qat_recipe(tmp_path, tiny_llama, steps=4)
+    run_dir = tmp_path / "run"
+    proc = kill_after_checkpoint(recipe, run_dir, 2, "SIGTERM")
+    assert proc.returncode == 130, proc.stderr
+    assert "terminated (SIGTERM" in proc.stderr and "--resume" in proc.stderr
+    rec = json.loads((run_dir / "run.json").read_text())
+    assert rec["status"] == "interrupted" and "SIGTERM" in rec["error"]["message"]
+    assert [s["status"] for s in rec["stages"]] == ["success", "interrupted", "pending"]
+    assert run_cli(recipe, run_dir, "--resume") == 0
+    m = json.loads((run_dir / "run.json").read_text())["stages"][1]["metrics"]
+    assert (m["resumed_from_step"], m["steps_this_run"]) == (2, 2)
 
 
 def test_a_changed_recipe_discards_stale_checkpoints(tiny_llama, tmp_path):
