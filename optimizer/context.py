@@ -113,6 +113,8 @@ class StageContext:
         marker = path / "FINGERPRINT"
         # The number of processes is part of it: data order, RNG files and steps follow it.
         valid_for = f"{self.fingerprint} world_size={os.environ.get('WORLD_SIZE', '1')}"
+        if self.directory.writer and path.is_symlink():
+            path.unlink()  # the run directory is a trust boundary: never write through a link
         stale = not marker.is_file() or marker.read_text() != valid_for
         if self.directory.writer and stale:
             if path.exists():

@@ -117,7 +117,11 @@ class RunDirectory:
             return
         pattern = ".checkpoints-*" if index is None else f".checkpoints-{index:02d}-*"
         for p in self.path.glob(pattern):
-            if p.name not in keep:
+            if p.name in keep:
+                continue
+            if p.is_symlink():
+                p.unlink()  # a link planted in the run directory: remove it, not its target
+            else:
                 shutil.rmtree(p, ignore_errors=True)
 
     def lock(self) -> None:

@@ -414,3 +414,15 @@ def test_distill_stage_learns_from_another_checkpoint(tiny_llama, tmp_path):
     assert m["trainer"] == "KDTrainer"
     assert m["after"]["train_loss"] < m["before"]["train_loss"]
     assert (tmp_path / "run" / "hf_checkpoint" / "config.json").is_file()
+
+
+def test_a_planted_checkpoint_link_is_not_written_through(tiny_llama, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    recipe = qat_recipe(tmp_path, tiny_llama, steps=2)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".checkpoints-01-qat").symlink_to(outside)
+    assert run_cli(recipe, run_dir) == 0
+    assert list(outside.iterdir()) == []
+    assert not (run_dir / ".checkpoints-01-qat").exists()
