@@ -180,7 +180,14 @@ def _render(doc: Document, tokenizer, use_template: bool) -> str:
     if isinstance(doc, str):
         return doc
     if use_template:
-        return tokenizer.apply_chat_template(doc, tokenize=False)
+        try:
+            return tokenizer.apply_chat_template(doc, tokenize=False)
+        except Exception as e:  # jinja raises its own types (e.g. "roles must alternate")
+            roles = ", ".join(t["role"] for t in doc)
+            raise OptimizerError(
+                f"the model's chat template refuses a conversation (roles: {roles}): {e}; fix "
+                "the data or set data.chat_template: false"
+            ) from None
     return "\n\n".join(t["content"] for t in doc)
 
 

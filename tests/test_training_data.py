@@ -292,3 +292,16 @@ def test_same_seed_same_windows_different_seed_different(tok):
     assert a.train.tokens.shape != c.train.tokens.shape or not torch.equal(
         a.train.tokens, c.train.tokens
     )
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_clear_error():
+    tok = make_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+        "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    docs = [[{"role": "narrator", "content": "once"}], [{"role": "user", "content": "hi"}]]
+    with pytest.raises(
+        OptimizerError, match="chat template refuses a conversation .*narrator.*unknown role"
+    ):
+        build_splits(TrainingData(eval_fraction=0.5), docs, tok, 4, seed=0)

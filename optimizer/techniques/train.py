@@ -165,6 +165,8 @@ def train(
             "fsdp: false here, or run on GPUs under torchrun / accelerate launch"
         )
     total = config.total_steps(len(splits.train), world)
+    if config.fsdp and world == 1:
+        log.warning("fsdp: true in a single process shards nothing; launch with torchrun")
     output_dir.mkdir(parents=True, exist_ok=True)
     args = TrainingArguments(
         output_dir=str(output_dir),
