@@ -32,6 +32,14 @@ class TrainingStage(Stage, TrainingConfig, DistillationLoss):
         msg = self.data.problem(env.base_dir)
         if msg:
             problems.append(("data.dataset", msg))
+        if self.fsdp and env.gpu is False:
+            problems.append(
+                (
+                    "fsdp",
+                    "fsdp: true needs CUDA GPUs (accelerate runs CPU processes as plain DDP); "
+                    "set fsdp: false, or validate for a GPU machine with --device gpu",
+                )
+            )
         dims = prev.dims
         limit = dims.max_position_embeddings if dims and not dims.rope_scaling else None
         if limit and self.seq_len > limit:
