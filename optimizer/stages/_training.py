@@ -36,7 +36,7 @@ class TrainingStage(Stage, TrainingConfig, DistillationLoss):
             problems.append(
                 (
                     "fsdp",
-                    "fsdp: true needs CUDA GPUs (accelerate runs CPU processes as plain DDP); "
+                    "fsdp: true needs a CUDA GPU per process (accelerate runs CPU processes as plain DDP); "
                     "set fsdp: false, or validate for a GPU machine with --device gpu",
                 )
             )
