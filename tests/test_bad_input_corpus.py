@@ -224,5 +224,7 @@ def test_the_corpus_recipes_differ_from_a_valid_one_only_in_the_bad_field(bad_re
 def test_fsdp_is_refused_for_a_machine_without_gpus(bad_recipe, capsys):
     recipe = bad_recipe(PTQ + "  - qat: {{fsdp: true}}\n")
     assert main(["validate", str(recipe), "--device", "cpu"]) == 2
-    assert_one_clear_error(capsys.readouterr().err, "qat.fsdp: fsdp: true needs a CUDA GPU per process")
+    assert_one_clear_error(
+        capsys.readouterr().err, "qat.fsdp: fsdp: true needs a CUDA GPU per process"
+    )
     assert main(["validate", str(recipe), "--device", "gpu"]) == 0
