@@ -4,13 +4,12 @@ the previous stage (loaded lazily from its saved checkpoint after a resume)."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optimizer import calibration, models
+from optimizer import calibration, launch, models
 from optimizer.plan import ModelPlan
 from optimizer.recipe import Recipe
 from optimizer.rundir import RunDirectory
@@ -112,7 +111,7 @@ class StageContext:
         path = self.directory.checkpoints(self.index, self.recipe.stages[self.index].name)
         marker = path / "FINGERPRINT"
         # The number of processes is part of it: data order, RNG files and steps follow it.
-        valid_for = f"{self.fingerprint} world_size={os.environ.get('WORLD_SIZE', '1')}"
+        valid_for = f"{self.fingerprint} world_size={launch.world_size()}"
         if self.directory.writer and path.is_symlink():
             path.unlink()  # the run directory is a trust boundary: never write through a link
         stale = not marker.is_file() or marker.read_text() != valid_for

@@ -409,8 +409,9 @@ def load_model(path: Path, dtype: str, trust_remote_code: bool = False):
     device_map = None
     if torch.cuda.is_available():
         # One process per GPU under torchrun / accelerate launch: each loads onto its own.
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if world > 1 else "auto"
+        from optimizer import launch
+
+        device_map = {"": launch.local_rank()} if launch.world_size() > 1 else "auto"
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype(dtype), device_map=device_map, trust_remote_code=trust_remote_code
     )

@@ -19,10 +19,8 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import platform
 import shutil
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -31,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from optimizer import calibration, hardware, models
+from optimizer import calibration, hardware, launch, models
 from optimizer.context import ModelState, StageContext
 from optimizer.errors import GateFailed, OptimizerError, StageError, StageFailed
 from optimizer.inputs import Input, digests
@@ -155,45 +153,6 @@ def log_to_file(path: Path):
         handler.close()
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def join_process_group() -> None:
-    """Under torchrun / accelerate launch: set up the process group now (the Trainer reuses
-    it), so that the ranks can agree on the previous run before rank 0 writes anything."""
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-
-
-def from_rank0(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (identity in a single process)."""
-    if world_size() == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def leave_process_group() -> None:
-    """After the last multi-process stage: wait for every rank (rank 0 has committed its
-    outputs by then), then leave the process group the trainer set up, so that the stages
-    rank 0 runs alone see one process (ModelOpt's exporters gather over an initialised
-    group and would wait for ranks that have finished)."""
-    if "torch" not in sys.modules:
-        return
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 class Runner:
     def __init__(
         self,
@@ -226,11 +185,11 @@ class Runner:
             previous = None
         else:
             previous = self.dir.read() if self.dir.writer else None
-        if world_size() > 1:
+        if launch.world_size() > 1:
             # Rank 0's view of the previous run is every rank's: rank 0 overwrites run.json
             # right after this, and ranks must skip and redo the same stages.
-            join_process_group()
-            previous = from_rank0(previous)
+            launch.join_process_group()
+            previous = launch.from_rank0(previous)
         if previous is not None and not self.resume:  # (every rank: they all stop)
             raise OptimizerError(
                 f"{self.dir.path} already holds a run (status: {previous.status}). Use "
@@ -337,7 +296,8 @@ class Runner:
                 else:
                     self._run_one(i, stage, state)
                 if i == last_distributed:
-                    leave_process_group()
+                    # (rank 0 has committed it; rank 0 alone runs the rest)
+                    launch.leave_process_group()
                 if stage.feeds_later:
                     # Later stages build on what this one made: its inputs and its outputs
                     # as committed (a redone stage whose output differs redoes them too).

@@ -20,19 +20,12 @@ import os
 import shutil
 from pathlib import Path
 
+from optimizer import launch
 from optimizer.errors import OptimizerError
 from optimizer.models import sha256_file
 from optimizer.run_record import READABLE_VERSIONS, RunRecord
 
 RUN_JSON = "run.json"
-
-
-def process_rank() -> int:
-    """This process's rank in a multi-process job (0 when there is none)."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -78,7 +71,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
 class RunDirectory:
     def __init__(self, path: Path, rank: int | None = None):
         self.path = path.resolve()
-        self.rank = process_rank() if rank is None else rank
+        self.rank = launch.rank() if rank is None else rank
         self._lock_fh = None
 
     @property

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from optimizer.inputs import Input
 from optimizer.plan import Environment, ModelPlan
@@ -23,9 +23,6 @@ class TrainingStage(Stage, TrainingConfig, DistillationLoss):
 
     transforms_model = True
     distributed = True
-    #: Whether this stage's recipe section names a teacher (else the distillation fields
-    #: must stay at their defaults).
-    uses_teacher: ClassVar[bool] = True
 
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
         plan, problems = super().plan(prev, env)
@@ -80,9 +77,19 @@ class TrainingStage(Stage, TrainingConfig, DistillationLoss):
     def inputs(self, base_dir: Path) -> list[Input]:
         return [self.data.as_input(base_dir)]
 
+    def teacher_path(self, ctx: StageContext) -> Path | None:
+        """The teacher's checkpoint, or None (no teacher)."""
+        raise NotImplementedError
+
     def load_teacher(self, ctx: StageContext):
         """The teacher model in the compute dtype, or None."""
-        raise NotImplementedError
+        from optimizer import models
+
+        path = self.teacher_path(ctx)
+        if path is None:
+            return None
+        ctx.log.info("teacher: %s", path)
+        return models.load_model(path, ctx.state.compute_dtype, ctx.state.trust_remote_code)
 
     def run(self, ctx: StageContext) -> StageResult:
         from optimizer import hardware

@@ -75,13 +75,9 @@ class Distill(TrainingStage):
             )
         return inputs
 
-    def load_teacher(self, ctx: StageContext):
+    def teacher_path(self, ctx: StageContext) -> Path | None:
         from optimizer import models
 
         if self.teacher == ORIGINAL:
-            path = ctx.state.source_path
-        else:
-            path = models.resolve_source(self.teacher, ctx.recipe.base_dir).path
-        assert path is not None
-        ctx.log.info("teacher: %s", path)
-        return models.load_model(path, ctx.state.compute_dtype, ctx.state.trust_remote_code)
+            return ctx.state.source_path
+        return models.resolve_source(self.teacher, ctx.recipe.base_dir).path

@@ -18,6 +18,8 @@ from optimizer.stages._training import TrainingStage
 from optimizer.stages.base import StageProblem
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from optimizer.context import StageContext
 
 
@@ -44,13 +46,5 @@ class QAT(TrainingStage):
             )
         return plan, problems
 
-    def load_teacher(self, ctx: StageContext):
-        if not self.has_teacher:
-            return None
-        from optimizer import models
-
-        assert ctx.state.source_path is not None
-        ctx.log.info("teacher: the original model (%s)", ctx.state.source_path)
-        return models.load_model(
-            ctx.state.source_path, ctx.state.compute_dtype, ctx.state.trust_remote_code
-        )
+    def teacher_path(self, ctx: StageContext) -> Path | None:
+        return ctx.state.source_path if self.has_teacher else None

@@ -27,13 +27,13 @@ import gc
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from optimizer import launch
 from optimizer.errors import OptimizerError
 from optimizer.registry import did_you_mean
 from optimizer.training_data import Splits, TrainingData
@@ -158,7 +158,7 @@ def train(
         _check_layers(model, teacher, distillation.layer_losses)
 
     cuda = torch.cuda.is_available()
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun / accelerate launch set it
+    world = launch.world_size()
     if config.fsdp and not cuda:
         raise OptimizerError(
             "fsdp: true needs CUDA GPUs (accelerate runs CPU processes as plain DDP); set "
@@ -229,7 +229,7 @@ def train(
     if teacher is not None:
         trainer.setup_loss_terms(distillation, teacher)
 
-    _barrier()  # rank 0 prepared output_dir (ctx.checkpoint_dir); all ranks now read it
+    launch.barrier()  # rank 0 prepared output_dir (ctx.checkpoint_dir); all ranks now read it
     last = last_complete_checkpoint(output_dir)
     before_file = output_dir / BEFORE_FILE
     if last is not None and before_file.is_file():
@@ -297,21 +297,10 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
     for _, path in reversed(found):
         if (path / "trainer_state.json").is_file():
             return str(path)
-        if _rank() == 0:
+        if launch.rank() == 0:
             log.info("dropping %s: written only in part (killed during a save)", path.name)
             shutil.rmtree(path, ignore_errors=True)
     return None
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _float32_master_weights(model):
@@ -340,7 +329,7 @@ def _save_gathered(trainer, directory: Path) -> str:
     weights into ``directory`` (ModelOpt's ``save_model`` switches to a full state dict and
     writes ModelOpt state; every rank takes part, rank 0 writes)."""
     trainer.save_model(str(directory))
-    _barrier()
+    launch.barrier()
     return str(directory)
 
 

@@ -385,15 +385,12 @@ def test_fsdp_without_gpus_is_refused(tiny_llama, splits, tmp_path):
         train(model, config(fsdp=True), splits, output_dir=tmp_path / "ckpt")
 
 
-def test_distill_stage_learns_from_another_checkpoint(tiny_llama, tmp_path):
-    from tiny import make_tiny_llama
-
-    teacher = make_tiny_llama(tmp_path / "teacher", seed=1)
-    recipe = tmp_path / "recipe.yaml"
+def distill_recipe(directory: Path, model: Path, teacher: Path) -> Path:
+    recipe = directory / "recipe.yaml"
     recipe.write_text(
         textwrap.dedent(f"""\
         name: tiny-distill
-        model: {{source: {tiny_llama}}}
+        model: {{source: {model}}}
         stages:
           - distill:
               teacher: {teacher}
@@ -402,18 +399,50 @@ def test_distill_stage_learns_from_another_checkpoint(tiny_llama, tmp_path):
               learning_rate: 1.0e-3
               batch_size: 4
               seq_len: 64
+              save_every: 2
               temperature: 2.0
               ce_weight: 0.5
           - export: {{hf_checkpoint: true}}
         """)
     )
-    assert run_cli(recipe, tmp_path / "run") == 0
-    stage = json.loads((tmp_path / "run" / "run.json").read_text())["stages"][0]
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_llama, tmp_path_factory):
+    from tiny import make_tiny_llama
+
+    d = tmp_path_factory.mktemp("distill")
+    teacher = make_tiny_llama(d / "teacher", seed=1)
+    recipe = distill_recipe(d, tiny_llama, teacher)
+    assert run_cli(recipe, d / "run") == 0
+    return recipe, d / "run"
+
+
+def test_distill_stage_learns_from_another_checkpoint(distilled):
+    _, run_dir = distilled
+    stage = json.loads((run_dir / "run.json").read_text())["stages"][0]
     assert set(stage["inputs"]) == {"training_data", "teacher"}
     m = stage["metrics"]
     assert m["trainer"] == "KDTrainer"
     assert m["after"]["train_loss"] < m["before"]["train_loss"]
-    assert (tmp_path / "run" / "hf_checkpoint" / "config.json").is_file()
+    assert (run_dir / "hf_checkpoint" / "config.json").is_file()
+
+
+def test_killed_distillation_resumes_to_the_same_model(distilled, tmp_path):
+    recipe, reference = distilled
+    run_dir = tmp_path / "killed"
+    kill_after_checkpoint(recipe, run_dir, 4)
+    assert run_cli(recipe, run_dir, "--resume") == 0
+    rec = json.loads((run_dir / "run.json").read_text())["stages"][0]
+    m = rec["metrics"]
+    assert (m["resumed_from_step"], m["steps_this_run"], m["steps"]) == (4, 2, 6)
+    ref = json.loads((reference / "run.json").read_text())["stages"][0]
+    assert m["loss_curve"] == ref["metrics"]["loss_curve"]
+    ours = load_file(Path(rec["outputs"]["model"]["path"]) / "model.safetensors")
+    theirs = load_file(Path(ref["outputs"]["model"]["path"]) / "model.safetensors")
+    for k in theirs:
+        assert torch.equal(ours[k], theirs[k]), k
 
 
 def test_a_planted_checkpoint_link_is_not_written_through(tiny_llama, tmp_path):
