@@ -2,7 +2,10 @@
 
 Every cell is a real pipeline run (`optimize run`) of the shipped QAD recipe for the format
 (optimizer/resources/recipes/builtin-<format>-qad.yaml, FP8 reuses the INT4 one with the format
-swapped): `ptq` drops the qat stage, `qat` sets `teacher: none`, `qad` runs it as shipped.
+swapped): `ptq` drops the qat stage, `qat` sets `teacher: none`, `qad` runs it as shipped, and
+`distill` swaps it for a `distill` stage with the same data and schedule (logit KD plus a
+cosine hidden-state loss at the middle and last layers: the distill stage's own terms).
+--label names a hyperparameter variant (e.g. a longer schedule) so it gets its own row.
 The gate stage scores the candidate on the full `general` suite (all shipped docs) against the
 bf16 baseline (cached after the first run). Each run's gate.json and training metrics are
 collected into --out/<format>-<variant>.json; --table merges them into a Markdown table.
@@ -27,7 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "optimizer" / "resources" / "recipes"
 SUITES = REPO / "optimizer" / "resources" / "suites"
 SHIPPED = {"int4_awq": "builtin-int4-awq-qad", "nvfp4": "builtin-nvfp4-qad", "fp8": None}
-VARIANTS = ("ptq", "qat", "qad")
+VARIANTS = ("ptq", "qat", "qad", "distill")
+#: The distill variant's hidden-state terms (SmolLM2-135M has 30 layers; model.norm is the last).
+LAYER_LOSSES = [
+    {"student": "model.layers.14", "teacher": "model.layers.14", "loss": "cosine"},
+    {"student": "model.norm", "teacher": "model.norm", "loss": "cosine"},
+]
 
 
 def recipe_for(fmt: str, variant: str, args: argparse.Namespace, suite: Path) -> dict:
@@ -41,7 +49,10 @@ def recipe_for(fmt: str, variant: str, args: argparse.Namespace, suite: Path) ->
         del stages[qat_index]
     else:
         qat = stages[qat_index]["qat"]
-        qat["teacher"] = "original" if variant == "qad" else "none"
+        qat["teacher"] = "none" if variant == "qat" else "original"
+        if variant == "distill":
+            qat["layer_losses"] = LAYER_LOSSES
+            stages[qat_index] = {"distill": qat}
         for key in ("steps", "learning_rate", "batch_size", "seq_len"):
             if getattr(args, key) is not None:
                 qat[key] = getattr(args, key)
@@ -52,8 +63,12 @@ def recipe_for(fmt: str, variant: str, args: argparse.Namespace, suite: Path) ->
     return data
 
 
+def cell_name(fmt: str, variant: str, label: str | None) -> str:
+    return f"{fmt}-{variant}" + (f"-{label}" if label else "")
+
+
 def run_cell(fmt: str, variant: str, args: argparse.Namespace, suite: Path) -> dict:
-    work = Path(args.work) / f"{fmt}-{variant}"
+    work = Path(args.work) / cell_name(fmt, variant, args.label)
     work.mkdir(parents=True, exist_ok=True)
     recipe = work / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_for(fmt, variant, args, suite), sort_keys=False))
@@ -79,10 +94,11 @@ def run_cell(fmt: str, variant: str, args: argparse.Namespace, suite: Path) -> d
         raise SystemExit(f"{fmt}-{variant} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     gate = json.loads(Path(rec["artifacts"]["gate"]).read_text())
     stages = {s["name"]: s for s in rec["stages"]}
-    training = (stages.get("qat") or {}).get("metrics")
+    training = (stages.get("qat") or stages.get("distill") or {}).get("metrics")
     return {
         "format": fmt,
         "variant": variant,
+        "label": args.label,
         "exit_code": proc.returncode,
         "wall_seconds": round(wall, 1),
         "stage_seconds": {s["name"]: s["seconds"] for s in rec["stages"]},
@@ -113,7 +129,7 @@ def table(dirs: list[Path]) -> str:
     for d in dirs:
         for f in sorted(d.glob("*.json")):
             c = json.loads(f.read_text())
-            cells[(c["format"], c["variant"])] = c
+            cells[(c["format"], c["variant"], c.get("label") or "")] = c
     if not cells:
         raise SystemExit("no results found")
     any_cell = next(iter(cells.values()))
@@ -136,25 +152,23 @@ def table(dirs: list[Path]) -> str:
         + " | ".join(f"{any_cell['metrics'][n]['baseline']:.4f}" for n in names)
         + f" | {base:.4f} | | | | | |"
     )
-    for fmt in SHIPPED:
-        ptq = cells.get((fmt, "ptq"))
-        for variant in VARIANTS:
-            c = cells.get((fmt, variant))
-            if c is None:
-                continue
-            m = mean(c, "candidate")
-            rec = ""
-            if ptq is not None and variant != "ptq":
-                drop = base - mean(ptq, "candidate")
-                rec = f"{(m - mean(ptq, 'candidate')) / drop:+.0%}" if drop > 0 else "(no PTQ drop)"
-            t = c["training"] or {}
-            tokens = f"{t['tokens']:,}" if t.get("tokens") else ""
-            lines.append(
-                f"| {fmt} | {variant} | "
-                + " | ".join(f"{c['metrics'][n]['candidate']:.4f}" for n in names)
-                + f" | {m:.4f} | {rec} | {t.get('steps', '')} | {tokens} | "
-                f"{t.get('train_seconds', '')} | {c['wall_seconds']:.0f} |"
-            )
+    order = {**{f: i for i, f in enumerate(SHIPPED)}, **{v: i for i, v in enumerate(VARIANTS)}}
+    for fmt, variant, label in sorted(cells, key=lambda k: (order[k[0]], order[k[1]], k[2])):
+        c = cells[(fmt, variant, label)]
+        ptq = cells.get((fmt, "ptq", ""))
+        m = mean(c, "candidate")
+        rec = ""
+        if ptq is not None and variant != "ptq":
+            drop = base - mean(ptq, "candidate")
+            rec = f"{(m - mean(ptq, 'candidate')) / drop:+.0%}" if drop > 0 else "(no PTQ drop)"
+        t = c["training"] or {}
+        tokens = f"{t['tokens']:,}" if t.get("tokens") else ""
+        lines.append(
+            f"| {fmt} | {variant}{f' ({label})' if label else ''} | "
+            + " | ".join(f"{c['metrics'][n]['candidate']:.4f}" for n in names)
+            + f" | {m:.4f} | {rec} | {t.get('steps', '')} | {tokens} | "
+            f"{t.get('train_seconds', '')} | {c['wall_seconds']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -170,6 +184,7 @@ def main() -> int:
     ap.add_argument("--seq-len", dest="seq_len", type=int)
     ap.add_argument("--eval-batch-size", type=int, default=64, help="lm-eval batch size (GPU)")
     ap.add_argument("--limit", type=int, help="docs per task (default: all; for smoke tests)")
+    ap.add_argument("--label", help="suffix naming a hyperparameter variant, e.g. lr2e-4-500")
     ap.add_argument("--out", type=Path, help="directory for <format>-<variant>.json")
     ap.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/bench-qad"))
     ap.add_argument("--table", nargs="*", type=Path, help="print the table of these result dirs")
@@ -191,7 +206,9 @@ def main() -> int:
     for fmt in args.formats:
         for variant in args.variants:
             cell = run_cell(fmt, variant, args, suite)
-            (args.out / f"{fmt}-{variant}.json").write_text(json.dumps(cell, indent=1))
+            (args.out / f"{cell_name(fmt, variant, args.label)}.json").write_text(
+                json.dumps(cell, indent=1)
+            )
             print(
                 f"{fmt:9s} {variant}: mean {mean(cell, 'candidate'):.4f} (baseline "
                 f"{mean(cell, 'baseline'):.4f}), {cell['wall_seconds']:.0f} s",
