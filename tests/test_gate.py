@@ -250,7 +250,7 @@ def completions_server():
 
 
 def test_endpoint_probe(completions_server):
-    from optimizer.evaluation.candidates import probe_prompt_logprobs
+    from optimizer.evaluation.endpoint import probe_prompt_logprobs
 
     assert probe_prompt_logprobs(completions_server(True), "m", [1, 2, 3, 4]) is None
     reason = probe_prompt_logprobs(completions_server(False), "m", [1, 2, 3, 4])

@@ -29,10 +29,10 @@ from optimizer.evaluation.candidates import (
     TARGETS,
     Candidate,
     CheckpointCandidate,
-    EndpointCandidate,
     ModelCandidate,
     make_candidate,
 )
+from optimizer.evaluation.endpoint import EndpointCandidate
 from optimizer.evaluation.harness import LOCAL_TASKS, SCORING, SuiteScores, TaskScores
 from optimizer.evaluation.report import regenerate, run_meta, training_stages, write_reports
 from optimizer.evaluation.suite import (
