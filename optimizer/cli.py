@@ -107,15 +107,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = verbs.add_parser(
         "check",
-        help="check a TensorRT-LLM checkpoint against what trtllm-build 1.2 accepts",
-        description="Check a TensorRT-LLM checkpoint directory (config.json + rank files) against "
-        "TensorRT-LLM 1.2's contract: required config keys, quantization keys and algorithms, one "
-        "rank file per rank, every required tensor and scale with its shape and dtype. Reads only "
-        "safetensors headers. Exit 2 if anything is wrong.",
+        help="check a TensorRT-LLM checkpoint or a (ModelOpt unified) Hugging Face checkpoint",
+        description="""\
+Check checkpoint directories without loading them (only safetensors headers are read).
+Each is checked as what its config.json says it is:
+
+TensorRT-LLM checkpoint (config.json + rank files): against TensorRT-LLM 1.2's contract:
+  required config keys, quantization keys and algorithms, one rank file per rank, every
+  required tensor and scale with its shape and dtype.
+Hugging Face checkpoint: a ModelOpt unified one (export_hf_checkpoint; what TensorRT-LLM
+  >= 1.3's PyTorch backend, vLLM and SGLang load) against ModelOpt 0.47's export:
+  hf_quant_config.json and config.json's quantization_config present and agreeing, known
+  quant_algo / kv_cache_quant_algo, group_size, exclude_modules naming real modules, each
+  quantized linear's packed weight and scales (shape, dtype), KV-cache scales, unquantized
+  tensors in the checkpoint dtype, tied embeddings, no missing or stray tensors, consistent
+  safetensors headers and shard index. A plain (unquantized) one: the structure checks.
+
+Exit 2 if anything is wrong (one line per problem, then hints).""",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    check.add_argument("paths", metavar="PATH", nargs="+", type=Path, help="checkpoint directories")
+    check.add_argument(
+        "paths",
+        metavar="PATH",
+        nargs="+",
+        type=Path,
+        help="checkpoint directories (TensorRT-LLM or Hugging Face)",
+    )
 
     gate = verbs.add_parser(
         "gate",
@@ -272,6 +290,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from optimizer import trtllm
+    from optimizer.unified import check as unified
 
     failed = 0
     for path in args.paths:
@@ -279,17 +298,38 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"error: {path}: not a directory", file=sys.stderr)
             failed += 1
             continue
-        kind = trtllm.kind_of(path)
-        if kind == "hf":
-            print(
-                f"error: {path}: this is a Hugging Face checkpoint, not a TensorRT-LLM one "
-                "(trtllm-build would fail with KeyError: 'architecture'); export it with the "
-                "export stage's trtllm_checkpoint",
-                file=sys.stderr,
+        config = path / "config.json"
+        if config.is_file():
+            # Bad input is one line here, before either checker reads the file.
+            try:
+                data = json.loads(config.read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                print(f"error: {path}: config.json is not valid JSON: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            if not isinstance(data, dict):
+                print(
+                    f"error: {path}: config.json holds {type(data).__name__}, not a JSON object",
+                    file=sys.stderr,
+                )
+                failed += 1
+                continue
+        hf = trtllm.kind_of(path) == "hf"
+        problems = unified.check_hf_checkpoint(path) if hf else trtllm.check_checkpoint(path)
+        if not problems and hf:
+            s = unified.summarize(path)
+            what = (
+                f"unified HF checkpoint, quant_algo {s['quant_algo']}, kv cache "
+                f"{s['kv_cache_quant_algo']}"
+                if s["quant_algo"] or s["kv_cache_quant_algo"]
+                else "Hugging Face checkpoint, unquantized"
             )
-            failed += 1
+            layout = "" if s["layout_known"] else ", tensor list not known: layers not counted"
+            print(
+                f"ok: {path} ({what}, {s['architecture']}{layout}, {s['tensors']} tensors in "
+                f"{s['files']} file(s), {s['bytes'] / 1e6:.1f} MB)"
+            )
             continue
-        problems = trtllm.check_checkpoint(path)
         if not problems:
             s = trtllm.summarize(path)
             print(

@@ -57,6 +57,9 @@ class StageContext:
     fingerprint: str = ""
     #: ``(name, metrics)`` of the stages before this one that have metrics (for reports).
     earlier_metrics: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: The run's artifacts so far (``run.json["artifacts"]``: key -> path), e.g. the
+    #: ``hf_checkpoint`` an earlier export wrote.
+    artifacts: dict[str, str] = field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:

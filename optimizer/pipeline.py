@@ -398,6 +398,7 @@ class Runner:
             plan=plan,
             fingerprint=entry.fingerprint or "",
             earlier_metrics=[(s.name, s.metrics) for s in self.record.stages[:i] if s.metrics],
+            artifacts=dict(self.record.artifacts),
         )
         t0 = time.time()
         try:

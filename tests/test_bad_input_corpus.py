@@ -1,4 +1,4 @@
-"""A corpus of bad ``qat`` / ``distill`` recipes: each is refused by ``optimize validate``
+"""A corpus of bad ``qat`` / ``distill`` / ``deploy`` recipes: each is refused by ``optimize validate``
 (exit 2) with one readable message naming the problem, and ``optimize run`` writes nothing."""
 
 import pytest
@@ -12,6 +12,7 @@ calibration: {{dataset: {calib}, num_samples: 8, seq_len: 64}}
 stages:
 """
 PTQ = "  - ptq: {{format: fp8}}\n"
+HF_EXPORT = "  - export: {{trtllm_checkpoint: null, hf_checkpoint: true}}\n"
 
 #: (id, the stages of the recipe (YAML, a template with {model}/{calib}), message fragment)
 CASES = [
@@ -156,6 +157,71 @@ CASES = [
         "  - distill: {{frozen: '*embed*'}}\n",
         "distill.frozen: Input should be a valid list",
     ),
+    (
+        "deploy-without-hf-checkpoint",
+        PTQ
+        + "  - export: {{trtllm_checkpoint: {{tp: 1}}}}\n"
+        + "  - deploy: {{targets: [vllm]}}\n",
+        "deploy serves the unified HF checkpoint: put an `export` stage with hf_checkpoint: "
+        "true before it",
+    ),
+    (
+        "deploy-unknown-runtime",
+        PTQ + HF_EXPORT + "  - deploy: {{targets: [vlm]}}\n",
+        "deploy.targets[0].runtime: must be one of: 'trtllm', 'vllm', 'sglang', not 'vlm'; "
+        "did you mean 'vllm'?",
+    ),
+    (
+        "deploy-no-targets",
+        PTQ + HF_EXPORT + "  - deploy: {{targets: []}}\n",
+        "deploy.targets: List should have at least 1 item",
+    ),
+    (
+        "deploy-target-unknown-key",
+        PTQ + HF_EXPORT + "  - deploy: {{targets: [{{runtime: vllm, verison: '0.16'}}]}}\n",
+        "deploy.targets[0].verison: unknown key 'verison'; did you mean 'version'?",
+    ),
+    (
+        "deploy-version-as-a-number",
+        PTQ + HF_EXPORT + "  - deploy: {{targets: [{{runtime: vllm, version: 0.16}}]}}\n",
+        "deploy.targets[0].version: write the version in quotes, e.g. '0.16'",
+    ),
+    (
+        "deploy-version-before-modelopt-support",
+        PTQ + HF_EXPORT + "  - deploy: {{targets: [{{runtime: vllm, version: '0.5'}}]}}\n",
+        "deploy.targets[0].version: vLLM 0.5 predates ModelOpt checkpoint support in this "
+        "table (the first listed is 0.6)",
+    ),
+    (
+        "deploy-int4-awq-on-vllm",
+        "  - ptq: {{format: int4_awq}}\n" + HF_EXPORT + "  - deploy: {{targets: [vllm]}}\n",
+        "deploy.targets[0]: vLLM 0.16 cannot load a ModelOpt W4A16_AWQ checkpoint",
+    ),
+    (
+        "deploy-int8-sq-on-trtllm",
+        "  - ptq: {{format: int8_sq}}\n" + HF_EXPORT + "  - deploy: {{targets: [trtllm]}}\n",
+        "TensorRT-LLM 1.3 cannot load a ModelOpt W8A8_SQ_PER_CHANNEL checkpoint",
+    ),
+    (
+        "deploy-runtime-twice",
+        PTQ + HF_EXPORT + "  - deploy: {{targets: [vllm, {{runtime: vllm, version: '0.9'}}]}}\n",
+        "deploy.targets[1]: vllm is listed twice (also targets[0])",
+    ),
+    (
+        "deploy-kv-cache-fraction-1.5",
+        PTQ + HF_EXPORT + "  - deploy: {{targets: [vllm], kv_cache_fraction: 1.5}}\n",
+        "deploy.kv_cache_fraction: Input should be less than or equal to 1",
+    ),
+    (
+        "deploy-tp-3",
+        PTQ + HF_EXPORT + "  - deploy: {{targets: [trtllm], tp: 3}}\n",
+        "deploy.tp: tp=3 does not divide the model's 4 attention heads",
+    ),
+    (
+        "deploy-max-seq-len-beyond-positions",
+        PTQ + HF_EXPORT + "  - deploy: {{targets: [sglang], max_seq_len: 4096}}\n",
+        "deploy.max_seq_len: 4096 exceeds the model's max_position_embeddings 1024",
+    ),
 ]
 
 #: Cases also run through ``optimize run -o DIR``: refused before the run directory exists.
@@ -164,6 +230,7 @@ RUN_CASES = {
     "qat-missing-dataset-file",
     "qat-without-ptq",
     "distill-missing-teacher-dir",
+    "deploy-int4-awq-on-vllm",
 }
 
 

@@ -295,39 +295,57 @@ def test_shipped_suites_load():
         assert suite.tasks and all(t.task.startswith("local_") for t in suite.tasks)
 
 
-def test_gate_after_export_in_a_recipe(tiny_llama, tiny_suite, tmp_path, monkeypatch):
-    """Export packs the live model's weights; the gate must still evaluate the real candidate."""
+@pytest.mark.parametrize("evaluate", [None, "model"])
+def test_gate_after_export_in_a_recipe(tiny_llama, tiny_suite, tmp_path, monkeypatch, evaluate):
+    """After an export the gate evaluates what ships by default: the model rebuilt from the
+    unified HF checkpoint (stored FP8 weights, activation fake-quant hooks, no ModelOpt
+    quantizers). `evaluate: model` still evaluates the pipeline's own quantized model (restored
+    from the PTQ stage's save, since export packed the live one)."""
     from tiny import CALIBRATION
 
     monkeypatch.setenv("OPTIMIZER_CACHE_DIR", str(tmp_path / "cache"))
     recipe = tmp_path / "r.yaml"
+    gate = (
+        f"{{suite: {tiny_suite}}}"
+        if evaluate is None
+        else f"{{suite: {tiny_suite}, evaluate: {evaluate}}}"
+    )
     recipe.write_text(
         f"name: g\nmodel: {{source: {tiny_llama}}}\n"
         f"calibration: {{dataset: {CALIBRATION}, num_samples: 4, seq_len: 64}}\n"
-        f"stages:\n  - ptq: {{format: fp8}}\n  - export: {{hf_checkpoint: true}}\n  - gate: {{suite: {tiny_suite}}}\n"
+        f"stages:\n  - ptq: {{format: fp8}}\n  - export: {{hf_checkpoint: true}}\n  - gate: {gate}\n"
     )
     from optimizer.evaluation import harness
 
-    evaluated = []  # per evaluation: how many quantizers the evaluated model runs
+    evaluated = []  # per evaluation: (ModelOpt input quantizers enabled, hooked linears)
     original = harness.score_suite
 
     def spy(target, suite, **kwargs):
+        import torch
+
         model, _ = target
         evaluated.append(
-            sum(
-                getattr(getattr(m, "input_quantizer", None), "is_enabled", False)
-                for m in model.modules()
+            (
+                sum(
+                    getattr(getattr(m, "input_quantizer", None), "is_enabled", False)
+                    for m in model.modules()
+                ),
+                sum(
+                    bool(m._forward_pre_hooks)
+                    for m in model.modules()
+                    if isinstance(m, torch.nn.Linear)
+                ),
             )
         )
         return original(target, suite, **kwargs)
 
     monkeypatch.setattr(harness, "score_suite", spy)
     assert main(["run", str(recipe), "-o", str(tmp_path / "run"), "-q"]) == 0
-    gate = json.loads((tmp_path / "run" / "report" / "gate.json").read_text())
-    assert gate["passed"] is True and gate["metrics"][0]["n"] == 10
-    # The baseline is the plain model; the candidate runs FP8 activation quantizers on all
-    # 7 linears x 2 layers (restored from the PTQ stage's save, since export packed the live one).
-    assert evaluated == [0, 14]
+    report = json.loads((tmp_path / "run" / "report" / "gate.json").read_text())
+    assert report["passed"] is True and report["metrics"][0]["n"] == 10
+    assert report["meta"]["evaluated"] == (evaluate or "export")
+    # 7 linears x 2 layers, quantized either way; the baseline is the plain model.
+    assert evaluated == ([(0, 0), (0, 14)] if evaluate is None else [(0, 0), (14, 0)])
 
 
 def test_builtin_lm_eval_tasks_are_indexed_only_when_named(monkeypatch):

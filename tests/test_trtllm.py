@@ -122,9 +122,10 @@ def test_check_cli_prints_problems_with_hints_and_exits_2(fp8_checkpoint, tmp_pa
     assert "quant_algo 'NVFP4_AWQ' is not supported" in err and "hint: " in err
 
 
-def test_check_cli_recognises_an_hf_checkpoint(tiny_llama, capsys):
-    assert main(["check", str(tiny_llama)]) == 2
-    assert "this is a Hugging Face checkpoint" in capsys.readouterr().err
+def test_check_cli_dispatches_an_hf_checkpoint_to_the_hf_checker(tiny_llama, capsys):
+    """A Hugging Face directory goes to the unified-checkpoint checker (tests/test_unified_check.py)."""
+    assert main(["check", str(tiny_llama)]) == 0
+    assert "Hugging Face checkpoint, unquantized" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- the facts table

@@ -5,14 +5,15 @@ Targets, by the name a recipe or a flag uses (:data:`TARGETS`):
 - ``model``: a model in memory (the pipeline's fake-quantized model), evaluated as it is;
 - ``checkpoint``: a Hugging Face checkpoint directory, loaded with ``optimizer.models.
   load_model`` (ModelOpt state restored where it was saved with it) and its fake-quantized
-  weights folded in;
+  weights folded in, or — a ModelOpt unified HF export, what ships — rebuilt from its own
+  files by :mod:`optimizer.unified.rebuild`;
 - ``endpoint``: a served model behind an OpenAI-compatible ``/v1/completions`` endpoint
   (e.g. ``trtllm-serve``), scored by lm-eval's completions client
   (:mod:`optimizer.evaluation.endpoint`).
 
 A candidate refuses what it cannot evaluate faithfully as early as possible: its
-constructor refuses what can be seen on disk (no config.json; a ModelOpt unified HF export,
-see :func:`checkpoint_problem`), and :meth:`Candidate.check`, which
+constructor refuses what can be seen on disk (no config.json; a TensorRT-LLM checkpoint; a
+unified export whose quantization cannot be rebuilt, see :func:`checkpoint_problem`), and :meth:`Candidate.check`, which
 :func:`optimizer.evaluation.evaluate_and_judge` calls before evaluating the baseline, what
 needs a request (an endpoint without prompt logprobs). Loglikelihood tasks need the
 log-probability of every prompt token (``echo`` with ``logprobs``); servers that do not
@@ -90,46 +91,43 @@ def checkpoint_problem(path: Path) -> str | None:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as e:
         return f"{config_file} is not readable JSON ({e})"
+    if not isinstance(config, dict):
+        return f"{config_file} is not a JSON object"
     from optimizer.trtllm import kind_of
 
     kind = kind_of(path)
     if kind in ("trtllm_checkpoint", "engine"):
         what = "TensorRT-LLM checkpoint" if kind == "trtllm_checkpoint" else "TensorRT engine"
         return (
-            f"{path} is a {what}, which transformers cannot load; gate the Hugging Face "
-            "checkpoint it was made from (a run's stages/NN-ptq/model), or serve it and gate "
-            "the endpoint (--endpoint)"
+            f"{path} is a {what}, which cannot be rebuilt for evaluation here yet; gate the "
+            "unified HF checkpoint exported beside it (export: {hf_checkpoint: true}), the "
+            "Hugging Face checkpoint it was made from (a run's stages/NN-ptq/model), or serve "
+            "it and gate the endpoint (--endpoint)"
         )
-    if not isinstance(config, dict) or "model_type" not in config:
+    if "model_type" not in config:
         return (
             f"{config_file} has no model_type: not a Hugging Face checkpoint transformers can load"
         )
-    quant = config.get("quantization_config")
-    markers = []
-    if (path / "hf_quant_config.json").is_file():
-        markers.append("hf_quant_config.json")
-    if isinstance(quant, dict) and quant.get("quant_method") == "modelopt":
-        markers.append("config.json quantization_config.quant_method 'modelopt'")
-    if not markers:
-        return None
-    return (
-        f"{path} is a ModelOpt-quantized unified Hugging Face checkpoint (it has "
-        f"{' and '.join(markers)}: what export's hf_checkpoint writes). It cannot be gated by "
-        "loading it: transformers ignores that quantization config and drops the scale "
-        "tensors, so the model it loads is not the quantized model (an FP8 export loads with "
-        "warnings only and agrees with the real quantized model on 0.2 % of next-token "
-        "argmaxes; INT4/NVFP4 exports fail with shape errors). Gate the pipeline's model "
-        "instead: a gate stage in the recipe (evaluate: model, or evaluate: checkpoint, which "
-        "reloads the run's saved stage model with its ModelOpt state), or `optimize gate "
-        "--candidate RUN_DIR/stages/NN-<stage>/model` (saved with modelopt_state.pth). "
-        "Reconstructing the quantized model from an exported checkpoint is not supported yet"
-    )
+    from optimizer.unified.rebuild import read_scheme, scheme_problem
+
+    try:
+        scheme = read_scheme(path)
+    except OptimizerError as e:
+        return str(e)
+    if scheme is not None:
+        problem = scheme_problem(scheme)
+        if problem:
+            return f"{path} is a ModelOpt unified checkpoint that cannot be gated: {problem}"
+    return None
 
 
 class CheckpointCandidate(Candidate):
-    """A Hugging Face checkpoint directory: plain weights, or saved with ModelOpt state
-    (``modelopt_state.pth``, restored by ``optimizer.models.load_model``). A ModelOpt
-    unified HF export is refused at construction (:func:`checkpoint_problem`).
+    """A Hugging Face checkpoint directory: plain weights; saved with ModelOpt state
+    (``modelopt_state.pth``, restored by ``optimizer.models.load_model``); or a ModelOpt
+    unified HF export, rebuilt from its own files (:mod:`optimizer.unified.rebuild`: stored
+    quantized weights dequantized, activations and KV cache fake-quantized as its config says)
+    — never through plain ``from_pretrained``, which drops the scales. What cannot be rebuilt
+    is refused at construction (:func:`checkpoint_problem`).
 
     ``dtype`` defaults to the baseline's compute dtype, ``tokenizer`` (a directory or a
     loaded tokenizer) to the baseline's. ``fold``: bake fake-quantized weights in after
@@ -155,15 +153,19 @@ class CheckpointCandidate(Candidate):
 
     def load(self, suite: Suite, baseline: BaselineRef) -> Scorable:
         from optimizer import models
+        from optimizer.unified.rebuild import read_scheme, rebuild
 
         dtype = self.dtype or baseline.compute_dtype
+        tokenizer = self.tokenizer if self.tokenizer is not None else baseline.path
+        if isinstance(tokenizer, str | Path):
+            tokenizer = models.load_tokenizer(Path(tokenizer), self.trust_remote_code)
+        if read_scheme(self.path) is not None:
+            log.info("rebuilding the exported model in %s (%s)", self.path, dtype)
+            return rebuild(self.path, dtype).model, tokenizer
         log.info("loading %s (%s)", self.path, dtype)
         model = models.load_model(self.path, dtype, self.trust_remote_code)
         if self.fold:
             fold_fake_quant_weights(model)
-        tokenizer = self.tokenizer if self.tokenizer is not None else baseline.path
-        if isinstance(tokenizer, str | Path):
-            tokenizer = models.load_tokenizer(Path(tokenizer), self.trust_remote_code)
         return model, tokenizer
 
     def describe(self) -> str:

@@ -1,5 +1,10 @@
-"""``build``: TensorRT-LLM engines from the exported checkpoint with ``trtllm-build``, and the
-deploy files for TensorRT-LLM's PyTorch backend (which serves the unified HF checkpoint).
+"""``build``: TensorRT-LLM <= 1.2 engines (legacy; use deploy for >= 1.3) from the exported
+checkpoint with ``trtllm-build``, and the deploy files for TensorRT-LLM's PyTorch backend
+(which serves the unified HF checkpoint).
+
+TensorRT-LLM removed the TensorRT engine backend (and ``trtllm-build``) after 1.3.0rc20; for
+TensorRT-LLM >= 1.3, vLLM and SGLang use the ``deploy`` stage (optimizer/stages/deploy.py),
+which serves the unified HF checkpoint and checks the format against what each runtime loads.
 
 TensorRT-LLM is an external tool here: ``launcher`` runs it locally, in the NGC container
 (docker) or behind a site prefix. Engine sizes are required — trtllm-build's defaults
@@ -35,7 +40,8 @@ VERSION_PROBE = "import tensorrt_llm, sys; sys.stdout.write(tensorrt_llm.__versi
 
 
 class Build(Stage):
-    """Build engines with trtllm-build; write PyTorch-backend deploy options."""
+    """TensorRT-LLM <= 1.2 engines (legacy; use deploy for >= 1.3): build with trtllm-build;
+    write PyTorch-backend deploy options."""
 
     name = "build"
     artifact_keys = ("engine", "deploy")
@@ -45,7 +51,10 @@ class Build(Stage):
     command_prefix: list[str] = Field(
         default_factory=list, description="for launcher: command, e.g. [srun, --gpus=1]"
     )
-    trtllm_build: str = Field("trtllm-build", description="the trtllm-build executable")
+    trtllm_build: str = Field(
+        "trtllm-build",
+        description="the trtllm-build executable (TensorRT-LLM <= 1.2; legacy, use deploy for >= 1.3)",
+    )
     python: str = Field("python3", description="the Python that has tensorrt_llm (version check)")
     max_batch_size: int = Field(gt=0)
     max_input_len: int = Field(gt=0)

@@ -42,10 +42,13 @@ class Gate(Stage):
     suite: str = Field(
         description="suite YAML (tasks, metrics, limits, thresholds), relative to the recipe"
     )
-    evaluate: Literal["model", "checkpoint", "endpoint"] = Field(
-        "model",
-        description="model: the in-memory optimized model; checkpoint: reloaded from disk; "
-        "endpoint: a served model (OpenAI-compatible completions)",
+    evaluate: Literal["export", "model", "checkpoint", "endpoint"] | None = Field(
+        None,
+        description="export (the default after an export stage with hf_checkpoint): the model "
+        "rebuilt from the exported unified HF checkpoint, what ships; model (the default "
+        "otherwise): the in-memory optimized model; checkpoint: the pipeline's saved model "
+        "reloaded with its ModelOpt state; endpoint: a served model (OpenAI-compatible "
+        "completions)",
     )
     candidate: str | None = Field(
         None, description="evaluate this checkpoint directory instead of the pipeline's model"
@@ -84,6 +87,16 @@ class Gate(Stage):
         from optimizer.evaluation.candidates import checkpoint_problem
 
         plan, problems = super().plan(prev, env)
+        exported = prev.exports is not None and prev.exports.hf_checkpoint
+        if self.evaluate == "export" and self.candidate is None and not exported:
+            problems.append(
+                (
+                    "evaluate",
+                    "export evaluates the unified HF checkpoint an earlier export stage writes; "
+                    "add `export: {hf_checkpoint: true}` before this gate (a TensorRT-LLM "
+                    "checkpoint alone cannot be rebuilt here yet) or use evaluate: model",
+                )
+            )
         try:
             load_suite(self.suite_path(env.base_dir))
         except OptimizerError as e:
@@ -159,7 +172,7 @@ class Gate(Stage):
         )
         out = ctx.new_output("report")
         meta = run_meta(
-            judgement, evaluated=self.candidate or self.evaluate, recipe=ctx.recipe.name
+            judgement, evaluated=self.candidate or self._evaluate(ctx), recipe=ctx.recipe.name
         )
         write_reports(out, judgement.verdict, meta, training_stages(ctx.earlier_metrics))
         result = StageResult(outputs={"report": out}, metrics=judgement.summary())
@@ -170,12 +183,29 @@ class Gate(Stage):
             )
         return result
 
+    def _evaluate(self, ctx: StageContext) -> str:
+        """``evaluate``, defaulted: what ships (the export) when an export wrote one."""
+        if self.evaluate is not None:
+            return self.evaluate
+        return "export" if "hf_checkpoint" in ctx.artifacts else "model"
+
     def _candidate(self, ctx: StageContext):
         """What this gate evaluates, checked (a refused checkpoint raises here)."""
         from optimizer.evaluation import make_candidate
 
         state = ctx.state
-        if self.evaluate == "endpoint":
+        evaluate = self._evaluate(ctx)
+        if evaluate == "export" and self.candidate is None:
+            exported = ctx.artifacts.get("hf_checkpoint")
+            if exported is None:  # validation refuses this; a direct API call may not
+                raise OptimizerError("evaluate: export, but no export stage wrote hf_checkpoint")
+            return make_candidate(
+                "checkpoint",
+                Path(exported),
+                tokenizer=ctx.tokenizer(),
+                trust_remote_code=state.trust_remote_code,
+            )
+        if evaluate == "endpoint":
             assert self.endpoint is not None
             return make_candidate(
                 "endpoint",
@@ -190,7 +220,7 @@ class Gate(Stage):
                 tokenizer=ctx.tokenizer(),
                 trust_remote_code=state.trust_remote_code,
             )
-        if self.evaluate == "checkpoint" or state.model is None:
+        if evaluate == "checkpoint" or state.model is None:
             # The saved state (after an export invalidated the live model, or when asked for):
             # loaded as the gate's own copy, not handed on to later stages.
             return make_candidate(

@@ -1,5 +1,6 @@
 """TensorRT-LLM checkpoint checks and fix-ups: the validator behind ``optimize check`` and the
-export/build stages, the rope fix-up, a safetensors header reader.
+export/build stages, the rope fix-up. (The safetensors header reader lives in
+:mod:`optimizer.safetensors_header`, shared with the unified HF checkpoint checker.)
 
 A TensorRT-LLM checkpoint is ``config.json`` + ``rank{r}.safetensors`` for each of
 ``world_size = tp * pp`` ranks (rank = pp_rank * tp + tp_rank; with PP each rank file
@@ -17,11 +18,11 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optimizer.safetensors_header import read_safetensors_header
 from optimizer.trtllm.facts import (
     DTYPES,
     FLOAT_DTYPES,
@@ -94,33 +95,6 @@ def apply_rope_settings(checkpoint: Path, hf_config: Any) -> None:
     if config.get("position_embedding_type", "rope_gpt_neox").startswith("rope"):
         config.update(rope_settings(hf_config))
         path.write_text(json.dumps(config, indent=4) + "\n")
-
-
-# --------------------------------------------------------------------------- safetensors
-
-
-def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """Tensor name -> {dtype, shape} from a safetensors file, reading only its header.
-
-    Raises ValueError for a file that is not safetensors or is truncated.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ValueError("file is shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100 * 2**20):
-            raise ValueError("header length is larger than the file")
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError as e:
-            raise ValueError(f"header is not JSON ({e})") from None
-    header.pop("__metadata__", None)
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
-    if 8 + n + end > size:
-        raise ValueError(f"truncated: tensors need {8 + n + end} bytes, the file has {size}")
-    return {k: {"dtype": v["dtype"], "shape": list(v["shape"])} for k, v in header.items()}
 
 
 # --------------------------------------------------------------------------- the check

@@ -1,5 +1,5 @@
-"""Evaluation targets: what the factory accepts, and the ModelOpt unified HF export it refuses
-before any evaluation starts."""
+"""Evaluation targets: what the factory accepts (a ModelOpt unified HF export is rebuilt from
+its own files), and what it refuses before any evaluation starts."""
 
 import json
 import os
@@ -15,7 +15,17 @@ from optimizer.errors import OptimizerError
 from optimizer.evaluation import TARGETS, CheckpointCandidate, make_candidate
 from optimizer.registry import UnknownName
 
-REFUSAL = "is a ModelOpt-quantized unified Hugging Face checkpoint"
+REFUSAL = "is a ModelOpt unified checkpoint that cannot be gated"
+
+
+@pytest.fixture
+def unrebuildable(quantized_run, tmp_path):
+    """The FP8 export relabelled with an algorithm the rebuild does not know."""
+    export = shutil.copytree(quantized_run / "hf_checkpoint", tmp_path / "mxfp4")
+    config = json.loads((export / "hf_quant_config.json").read_text())
+    config["quantization"]["quant_algo"] = "W4A8_MXFP4_FP8"
+    (export / "hf_quant_config.json").write_text(json.dumps(config))
+    return export
 
 
 def test_targets_are_registered_by_name():
@@ -25,25 +35,35 @@ def test_targets_are_registered_by_name():
         make_candidate("chekpoint", REPO)
 
 
-def test_factory_refuses_a_unified_hf_export_at_construction(quantized_run, tmp_path):
+def test_factory_rebuilds_a_unified_export_and_refuses_what_it_cannot(
+    tiny_llama, quantized_run, unrebuildable, tmp_path
+):
+    """The export is evaluated as rebuilt from its own files: no ModelOpt quantizers, the
+    stored FP8 weights, and next-token predictions close to the pipeline's quantized model
+    (the export unifies q/k/v input scales, so not identical)."""
+    import torch
+
+    from optimizer.evaluation import BaselineRef, Suite, SuiteTask
+
+    suite = Suite(name="s", tasks=[SuiteTask(task="local_arc_easy")])
+    ref = BaselineRef(path=tiny_llama, fingerprint="x", dtype="bfloat16", compute_dtype="float32")
     export = quantized_run / "hf_checkpoint"
     assert (export / "hf_quant_config.json").is_file()  # what ModelOpt's exporter writes
-    with pytest.raises(OptimizerError, match=REFUSAL) as refused:
-        make_candidate("checkpoint", export)
-    message = str(refused.value)
-    assert "hf_quant_config.json and config.json quantization_config.quant_method" in message
-    assert "drops the scale tensors" in message and "evaluate: checkpoint" in message
-    # Either marker alone is enough.
-    only_config = shutil.copytree(export, tmp_path / "only-config")
-    (only_config / "hf_quant_config.json").unlink()
-    with pytest.raises(OptimizerError, match="it has config.json quantization_config"):
-        make_candidate("checkpoint", only_config)
-    only_file = shutil.copytree(export, tmp_path / "only-file")
-    config = json.loads((only_file / "config.json").read_text())
-    del config["quantization_config"]
-    (only_file / "config.json").write_text(json.dumps(config))
-    with pytest.raises(OptimizerError, match="it has hf_quant_config.json:"):
-        make_candidate("checkpoint", only_file)
+    rebuilt, _ = make_candidate("checkpoint", export).load(suite, ref)
+    assert not any(hasattr(m, "input_quantizer") for m in rebuilt.modules())
+    saved, _ = make_candidate("checkpoint", quantized_run / "stages" / "00-ptq" / "model").load(
+        suite, ref
+    )
+    ids = torch.randint(3, 500, (4, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        agree = (rebuilt(ids).logits.argmax(-1) == saved(ids).logits.argmax(-1)).float().mean()
+    assert agree > 0.85
+    with pytest.raises(OptimizerError, match=REFUSAL + ": quant_algo W4A8_MXFP4_FP8 cannot"):
+        make_candidate("checkpoint", unrebuildable)
+    broken = shutil.copytree(export, tmp_path / "broken")
+    (broken / "hf_quant_config.json").write_text("{not json")
+    with pytest.raises(OptimizerError, match="hf_quant_config.json is not readable JSON"):
+        make_candidate("checkpoint", broken)
     with pytest.raises(OptimizerError, match="not a checkpoint directory"):
         make_candidate("checkpoint", tmp_path)
 
@@ -69,8 +89,8 @@ def test_factory_accepts_plain_and_modelopt_state_checkpoints(tiny_llama, quanti
         assert next(model.parameters()).dtype.is_floating_point and tokenizer.eos_token
 
 
-def test_optimize_gate_refuses_a_unified_export_before_anything_heavy(
-    tiny_llama, quantized_run, tmp_path
+def test_optimize_gate_refuses_an_unrebuildable_export_before_anything_heavy(
+    tiny_llama, unrebuildable, tmp_path
 ):
     """Exit 2 with the reason and no traceback, before torch is even imported: no baseline
     was evaluated (no cache entry), no run directory was written."""
@@ -82,7 +102,7 @@ def test_optimize_gate_refuses_a_unified_export_before_anything_heavy(
         "--baseline",
         str(tiny_llama),
         "--candidate",
-        str(quantized_run / "hf_checkpoint"),
+        str(unrebuildable),
         "--suite",
         str(suite),
         "-o",
@@ -102,12 +122,12 @@ def test_optimize_gate_refuses_a_unified_export_before_anything_heavy(
     )
     assert proc.stdout.strip().splitlines()[-1] == "rc 2 heavy []", proc.stderr
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.startswith(f"error: {quantized_run / 'hf_checkpoint'} {REFUSAL}")
+    assert proc.stderr.startswith(f"error: {unrebuildable} {REFUSAL}")
     assert not cache.exists() and not out.exists()
 
 
-def test_gate_stage_refuses_a_unified_export_before_the_baseline(
-    tiny_llama, quantized_run, tmp_path, monkeypatch, capsys
+def test_gate_stage_refuses_an_unrebuildable_export_before_the_baseline(
+    tiny_llama, unrebuildable, tmp_path, monkeypatch, capsys
 ):
     from optimizer.evaluation import harness
 
@@ -121,7 +141,7 @@ def test_gate_stage_refuses_a_unified_export_before_the_baseline(
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"name: g\nmodel: {{source: {tiny_llama}}}\nstages:\n"
-        f"  - gate: {{suite: {suite}, candidate: {quantized_run / 'hf_checkpoint'}}}\n"
+        f"  - gate: {{suite: {suite}, candidate: {unrebuildable}}}\n"
     )
     assert main(["run", str(recipe), "-o", str(tmp_path / "run"), "-q"]) == 2
     err = capsys.readouterr().err
