@@ -151,6 +151,24 @@ class CheckpointCandidate(Candidate):
         if problem:
             raise OptimizerError(problem)
 
+    def check(self, baseline: BaselineRef) -> None:
+        """A unified export is checked from its safetensors headers before the baseline is
+        evaluated (optimizer/unified/check.py): a missing scale, a wrong shape or dtype is
+        refused now, not after minutes of baseline evaluation."""
+        from optimizer.unified.check import check_hf_checkpoint
+        from optimizer.unified.rebuild import read_scheme
+
+        if read_scheme(self.path) is None:
+            return
+        problems = check_hf_checkpoint(self.path)
+        if problems:
+            more = (
+                f" (and {len(problems) - 1} more; `optimize check {self.path}`)"
+                if len(problems) > 1
+                else ""
+            )
+            raise OptimizerError(f"{self.path} cannot be gated: {problems[0].message}{more}")
+
     def load(self, suite: Suite, baseline: BaselineRef) -> Scorable:
         from optimizer import models
         from optimizer.unified.rebuild import read_scheme, rebuild

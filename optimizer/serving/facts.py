@@ -197,7 +197,7 @@ SPARSITY_NOTE = (
 
 def parse_version(version: str) -> tuple[int, ...] | None:
     """(major, minor[, patch]) of "1.3", "1.3.0rc27", "v0.16.0"; None if not a version."""
-    m = re.match(r"\s*v?(\d+)\.(\d+)(?:\.(\d+))?", version)
+    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.(\d+))?(?:[A-Za-z0-9.+-]*)", version.strip())
     if not m:
         return None
     return tuple(int(g) for g in m.groups() if g is not None)

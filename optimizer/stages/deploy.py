@@ -80,6 +80,22 @@ class Target(BaseModel):
             )
         return value
 
+    @field_validator("version", "image", "executable")
+    @classmethod
+    def _one_word(cls, value: str | None) -> str | None:
+        # These land in generated scripts and comments: a newline there would start a command.
+        if value is not None and (not value.strip() or any(c.isspace() for c in value)):
+            raise ValueError(f"{value!r} must be one word, without spaces or newlines")
+        return value
+
+    @field_validator("extra_args")
+    @classmethod
+    def _printable(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            if any(ord(c) < 32 for c in arg):
+                raise ValueError(f"{arg!r} contains a control character (a newline?)")
+        return value
+
     @property
     def resolved_version(self) -> str:
         return self.version or facts.DEFAULT_VERSIONS[self.runtime]
@@ -557,6 +573,8 @@ class Deploy(Stage):
             "set -euo pipefail",
             "exec " + " ".join(shlex.quote(a) for a in argv) + ' "$@"',
         ]
+        # Comments carry paths (a run directory may be named anything): one line each.
+        lines = [" ".join(line.splitlines()) if line.startswith("# ") else line for line in lines]
         serve = out / "serve.sh"
         serve.write_text("\n".join(lines) + "\n")
         serve.chmod(0o755)

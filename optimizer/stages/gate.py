@@ -88,6 +88,22 @@ class Gate(Stage):
 
         plan, problems = super().plan(prev, env)
         exported = prev.exports is not None and prev.exports.hf_checkpoint
+        evaluates_export = self.candidate is None and (
+            self.evaluate == "export" or (self.evaluate is None and exported)
+        )
+        quant = prev.quantization
+        if evaluates_export and exported and quant is not None and quant.formats:
+            from optimizer.unified.rebuild import plan_problem
+
+            problem = plan_problem([f.format for f in quant.formats], quant.kv_cache)
+            if problem:
+                problems.append(
+                    (
+                        "evaluate",
+                        f"the gate evaluates the exported checkpoint, and {problem}; set "
+                        "evaluate: model to gate the pipeline's in-memory model instead",
+                    )
+                )
         if self.evaluate == "export" and self.candidate is None and not exported:
             problems.append(
                 (

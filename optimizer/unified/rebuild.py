@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 ALGORITHMS: dict[str, tuple[str, str | None]] = {
     "FP8": ("fp8", "fp8"),
     "W8A8_SQ_PER_CHANNEL": ("int8", "int8"),
+    "W8A16": ("int8", None),
     "W4A16_AWQ": ("int4", None),
     "W4A8_AWQ": ("int4_fp8", "fp8"),
     "NVFP4": ("nvfp4", "nvfp4"),
@@ -54,6 +55,16 @@ FP8_MAX = 448.0
 NVFP4_BLOCK = 16
 
 
+#: Stored dtype of the weight and of weight_scale per weight kind (what ModelOpt 0.47 writes).
+STORED_DTYPES = {
+    "fp8": ("float8_e4m3fn", "float32"),
+    "int8": ("int8", "float32"),
+    "int4": ("uint8", "float32"),
+    "int4_fp8": ("uint8", "float32"),
+    "nvfp4": ("uint8", "float8_e4m3fn"),
+}
+
+
 @dataclass(frozen=True)
 class QuantScheme:
     """What a unified checkpoint's quantization config says."""
@@ -62,6 +73,14 @@ class QuantScheme:
     kv_cache_quant_algo: str | None = None
     #: MIXED_PRECISION: quant_algo per module name.
     per_layer: dict[str, str] = field(default_factory=dict)
+    #: Module-name patterns left unquantized (``exclude_modules``).
+    exclude: tuple[str, ...] = ()
+    group_size: int | None = None
+
+    def excluded(self, module: str) -> bool:
+        from fnmatch import fnmatch
+
+        return any(fnmatch(module, pattern) for pattern in self.exclude)
 
     def algo_of(self, module: str) -> str | None:
         if self.quant_algo == "MIXED_PRECISION":
@@ -96,7 +115,17 @@ def read_scheme(path: Path) -> QuantScheme | None:
             if not isinstance(spec, dict) or not isinstance(spec.get("quant_algo"), str):
                 raise OptimizerError(f"{path}: quantized_layers[{name!r}] has no quant_algo")
             per_layer[name] = spec["quant_algo"]
-    return QuantScheme(algo, block.get("kv_cache_quant_algo"), per_layer)
+    exclude = block.get("exclude_modules", block.get("ignore")) or []
+    if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
+        raise OptimizerError(f"{path}: exclude_modules is not a list of module names")
+    group = block.get("group_size")
+    return QuantScheme(
+        algo,
+        block.get("kv_cache_quant_algo"),
+        per_layer,
+        tuple(exclude),
+        group if isinstance(group, int) and group > 0 else None,
+    )
 
 
 def scheme_problem(scheme: QuantScheme) -> str | None:
@@ -114,6 +143,20 @@ def scheme_problem(scheme: QuantScheme) -> str | None:
             "checkpoint (supported: none, FP8)"
         )
     return None
+
+
+def plan_problem(formats: list[str], kv_cache: str | None) -> str | None:
+    """Why an export of these simple formats (optimizer/formats.py names) and KV cache could
+    not be rebuilt, or None: the plan-time twin of :func:`scheme_problem`."""
+    from optimizer.serving.facts import FORMAT_QUANT_ALGOS
+
+    per_layer = {f: FORMAT_QUANT_ALGOS.get(f, f) for f in formats}
+    scheme = QuantScheme(
+        "MIXED_PRECISION" if len(per_layer) > 1 else next(iter(per_layer.values()), "FP8"),
+        {"fp8": "FP8"}.get(kv_cache or "", kv_cache.upper() if kv_cache else None),
+        per_layer if len(per_layer) > 1 else {},
+    )
+    return scheme_problem(scheme)
 
 
 def _json(path: Path) -> Any:
@@ -172,6 +215,18 @@ def dequantize_weight(kind: str, t: dict[str, Any], name: str):
     import torch
 
     w, scale = t["weight"], t["weight_scale"]
+    want_w, want_s = STORED_DTYPES[kind]
+    if (
+        str(w.dtype).removeprefix("torch.") != want_w
+        or str(scale.dtype).removeprefix("torch.") != want_s
+    ):
+        raise OptimizerError(
+            f"{name}: weight {w.dtype} / weight_scale {scale.dtype}, the format stores "
+            f"{want_w} / {want_s}"
+        )
+    out_rows = w.shape[0] * (2 if kind in ("int4", "int4_fp8") else 1)
+    if w.ndim != 2 or (scale.ndim > 0 and scale.shape[0] != out_rows and scale.numel() != 1):
+        raise OptimizerError(f"{name}: weight_scale {tuple(scale.shape)} does not fit the weight")
     if kind == "fp8":
         s = scale.float()
         return w.float() * (s[:, None] if s.ndim == 1 else s)
@@ -179,8 +234,8 @@ def dequantize_weight(kind: str, t: dict[str, Any], name: str):
         return w.float() * scale.float().reshape(-1, 1)
     if kind in ("int4", "int4_fp8"):
         values = unpack_int4_rows(w)
-        groups = scale.shape[-1]
-        if values.shape[1] % groups:
+        groups = scale.shape[-1] if scale.ndim == 2 else 0
+        if scale.ndim != 2 or groups == 0 or values.shape[1] % groups:
             raise OptimizerError(
                 f"{name}: weight_scale {tuple(scale.shape)} does not tile the weight"
             )
@@ -192,6 +247,11 @@ def dequantize_weight(kind: str, t: dict[str, Any], name: str):
         from modelopt.torch.quantization.qtensor import NVFP4QTensor
 
         shape = torch.Size((w.shape[0], w.shape[1] * 2))
+        if tuple(scale.shape) != (shape[0], shape[1] // NVFP4_BLOCK):
+            raise OptimizerError(
+                f"{name}: NVFP4 weight_scale {tuple(scale.shape)}, the weight needs "
+                f"{(shape[0], shape[1] // NVFP4_BLOCK)}"
+            )
         return NVFP4QTensor(shape, torch.float32, w).dequantize(
             dtype=torch.float32,
             scale=scale,
@@ -212,17 +272,22 @@ WEIGHT_TENSORS = {
 }
 
 
-def _activation_hook(kind: str | None, input_scale, pre_quant_scale):
+def _activation_hook(kind: str | None):
+    """A forward pre-hook applying the module's stored ``pre_quant_scale`` and activation
+    fake quantization; the scales are non-persistent buffers on the module, so they move
+    with the model to its device."""
+
     def hook(module, args):
         x = args[0]
-        if pre_quant_scale is not None:
-            x = x * pre_quant_scale.to(x.dtype)
+        pqs = getattr(module, "stored_pre_quant_scale", None)
+        if pqs is not None:
+            x = x * pqs.to(x.dtype)
         if kind == "fp8":
-            x = fake_fp8(x, input_scale)
+            x = fake_fp8(x, module.stored_input_scale)
         elif kind == "int8":
-            x = fake_int8(x, input_scale)
+            x = fake_int8(x, module.stored_input_scale)
         elif kind == "nvfp4":
-            x = fake_nvfp4(x, input_scale)
+            x = fake_nvfp4(x, module.stored_input_scale)
         return (x, *args[1:])
 
     return hook
@@ -288,6 +353,7 @@ def rebuild(path: Path, dtype: str, device: str | None = None) -> Rebuilt:
     tensors = _load_tensors(path)
     state: dict[str, Any] = {}
     consumed: set[str] = set()
+    quantized: set[str] = set()
     hooks = 0
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -306,7 +372,10 @@ def rebuild(path: Path, dtype: str, device: str | None = None) -> Rebuilt:
                 raise OptimizerError(f"{path}: {name} ({algo}) lacks {key}")
             local[key] = tensors[f"{prefix}{key}"]
             consumed.add(f"{prefix}{key}")
-        weight = dequantize_weight(weight_kind, local, name)
+        try:
+            weight = dequantize_weight(weight_kind, local, name)
+        except (RuntimeError, ValueError, IndexError) as e:  # malformed packed data
+            raise OptimizerError(f"{path}: {name} ({algo}) cannot be dequantized: {e}") from e
         if tuple(weight.shape) != tuple(module.weight.shape):
             raise OptimizerError(
                 f"{path}: {name} dequantizes to {tuple(weight.shape)}, the architecture "
@@ -315,14 +384,23 @@ def rebuild(path: Path, dtype: str, device: str | None = None) -> Rebuilt:
         state[f"{prefix}weight"] = weight.to(target)
         input_scale = tensors.get(f"{prefix}input_scale")
         if act_kind is not None:
-            if input_scale is None:
-                raise OptimizerError(f"{path}: {name} ({algo}) lacks input_scale")
+            if input_scale is None or input_scale.numel() != 1:
+                raise OptimizerError(f"{path}: {name} ({algo}) lacks a scalar input_scale")
             consumed.add(f"{prefix}input_scale")
+            module.register_buffer("stored_input_scale", input_scale.float(), persistent=False)
         pqs = tensors.get(f"{prefix}pre_quant_scale")
         if pqs is not None:
+            if tuple(pqs.shape) != (module.in_features,):
+                raise OptimizerError(
+                    f"{path}: {name}.pre_quant_scale {tuple(pqs.shape)}, the layer takes "
+                    f"{module.in_features} inputs"
+                )
             consumed.add(f"{prefix}pre_quant_scale")
-        module.register_forward_pre_hook(_activation_hook(act_kind, input_scale, pqs))
+            module.register_buffer("stored_pre_quant_scale", pqs.to(target), persistent=False)
+        module.register_forward_pre_hook(_activation_hook(act_kind))
+        quantized.add(name)
         hooks += 1
+    _check_coverage(model, scheme, quantized, path)
     kv_scales = _kv_scales(scheme, tensors, consumed, path)
     for key, value in tensors.items():
         if key not in consumed and key not in state:
@@ -336,6 +414,11 @@ def rebuild(path: Path, dtype: str, device: str | None = None) -> Rebuilt:
         )
     missing = sorted(set(expected) - set(state))
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if tied and any(k.startswith("lm_head.") for k in tensors):
+        raise OptimizerError(
+            f"{path}: config.json ties lm_head to the embeddings, yet the checkpoint stores "
+            "lm_head tensors: which one a runtime uses is ambiguous"
+        )
     if tied:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing:
@@ -345,6 +428,11 @@ def rebuild(path: Path, dtype: str, device: str | None = None) -> Rebuilt:
         )
     for key, value in state.items():
         need = expected[key]
+        if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise OptimizerError(
+                f"{path}: {key} is stored in {value.dtype} without the scales that give it "
+                "meaning (a quantized layer whose weight_scale is missing?)"
+            )
         if tuple(value.shape) != tuple(need.shape) or (
             need.is_floating_point() and not value.is_floating_point()
         ):
@@ -375,6 +463,32 @@ def rebuild(path: Path, dtype: str, device: str | None = None) -> Rebuilt:
         scheme.kv_cache_quant_algo if scheme else None,
         hooks,
     )
+
+
+def _check_coverage(model, scheme, quantized: set[str], path: Path) -> None:
+    """Every linear the config says is quantized carried its scales, and no other did."""
+    import torch
+
+    if scheme is None:
+        return
+    if scheme.per_layer:
+        missing = sorted(set(scheme.per_layer) - quantized)
+        if missing:
+            raise OptimizerError(
+                f"{path}: quantized_layers names {missing[0]} ({len(missing)} in all), which "
+                "has no quantized weight in the checkpoint"
+            )
+        return
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, torch.nn.Linear)
+            and name not in quantized
+            and not scheme.excluded(name)
+        ):
+            raise OptimizerError(
+                f"{path}: {name} is neither quantized ({scheme.quant_algo} scales missing) nor "
+                "in exclude_modules"
+            )
 
 
 def _kv_scales(scheme, tensors, consumed, path) -> dict[str, tuple[Any, Any]]:
