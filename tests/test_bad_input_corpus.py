@@ -1,4 +1,4 @@
-"""A corpus of bad ``qat`` / ``distill`` / ``deploy`` recipes: each is refused by ``optimize validate``
+"""A corpus of bad ``qat`` / ``distill`` / ``deploy`` / ``gate`` recipes: each is refused by ``optimize validate``
 (exit 2) with one readable message naming the problem, and ``optimize run`` writes nothing."""
 
 import pytest
@@ -16,6 +16,31 @@ HF_EXPORT = "  - export: {{trtllm_checkpoint: null, hf_checkpoint: true}}\n"
 
 #: (id, the stages of the recipe (YAML, a template with {model}/{calib}), message fragment)
 CASES = [
+    (
+        "gate-export-without-hf-checkpoint",
+        PTQ
+        + "  - export: {{trtllm_checkpoint: {{tp: 1, pp: 1}}}}\n"
+        + "  - gate: {{suite: quick, evaluate: export}}\n",
+        "gate.evaluate: export evaluates the unified HF checkpoint an earlier export stage writes",
+    ),
+    (
+        "gate-export-of-a-format-it-cannot-rebuild",
+        "  - ptq: {{format: fp8_pc_pt}}\n" + HF_EXPORT + "  - gate: {{suite: quick}}\n",
+        "gate.evaluate: the gate evaluates the exported checkpoint, and quant_algo "
+        "FP8_PER_CHANNEL_PER_TOKEN cannot be rebuilt",
+    ),
+    (
+        "deploy-version-with-a-newline",
+        PTQ
+        + HF_EXPORT
+        + '  - deploy: {{targets: [{{runtime: vllm, version: "0.16\\ntouch x"}}]}}\n',
+        "deploy.targets[0].version:",
+    ),
+    (
+        "deploy-image-with-a-space",
+        PTQ + HF_EXPORT + '  - deploy: {{targets: [{{runtime: vllm, image: "--privileged x"}}]}}\n',
+        "must be one word, without spaces or newlines",
+    ),
     (
         "qat-unknown-key",
         PTQ + "  - qat: {{stepz: 5}}\n",
