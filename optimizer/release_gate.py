@@ -122,7 +122,7 @@ def gate_artifact(request: GateRequest, *, capture: Capture = log_to_file) -> Ru
         dtype=request.dtype,
         compute_dtype=device["compute_dtype"],
     )
-    candidate.check(baseline)
+    candidate.check(baseline, suite)
 
     run = RunDirectory(request.output)
     run.lock()

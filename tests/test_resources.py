@@ -17,7 +17,7 @@ def test_the_resources_are_real_files_inside_the_package():
     assert resources.names("recipe")[-1] == "quickstart" and "llama3-fp8" in resources.names(
         "recipe"
     )
-    assert resources.names("suite") == ["general", "quick"]
+    assert resources.names("suite") == ["general", "quick", "served"]
     assert resources.names("calibration set") == ["python-docs"]
     assert resources.calibration_set("python-docs") == CALIBRATION
     assert (resources.TASKS / "local_arc_easy.yaml").is_file()
@@ -67,7 +67,7 @@ def test_an_unknown_name_lists_the_shipped_ones_with_a_did_you_mean():
         resources.suite("quik")
     assert str(exc.value) == (
         "'quik' is neither a file nor a shipped suite; did you mean 'quick'? "
-        "(shipped suites: general, quick)"
+        "(shipped suites: general, quick, served)"
     )
     assert resources.find("suite", "quick.yaml") is None  # a path is never looked up by name
 

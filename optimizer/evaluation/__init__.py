@@ -118,6 +118,12 @@ def _score(target: Candidate, suite: Suite, baseline: BaselineRef, include_path)
     return harness.score_suite(target.load(suite, baseline), suite, include_path=include_path)
 
 
+def _check(candidate: Candidate, baseline: BaselineRef, suite: Suite, include_path) -> None:
+    """``candidate.check``, told the suite (an endpoint probes for prompt logprobs only when
+    the suite has loglikelihood tasks)."""
+    candidate.check(baseline, suite, include_path=include_path)
+
+
 def evaluate_and_judge(
     suite: Suite,
     baseline: BaselineRef,
@@ -141,7 +147,7 @@ def evaluate_and_judge(
     baseline_target = CheckpointCandidate(
         baseline.path, trust_remote_code=baseline.trust_remote_code, fold=False
     )
-    candidate.check(baseline)
+    _check(candidate, baseline, suite, include_path)
 
     t0 = time.time()
     key = cache.baseline_key(baseline, suite, include_path)

@@ -58,6 +58,8 @@ def baseline_key(
                 "limit": suite.settings(t).limit,
                 "num_fewshot": suite.settings(t).num_fewshot,
                 "config": task_fingerprint(t.task, include_path, suite.tasks_dir),
+                # only where set: keys of suites without it stay what they were
+                **({"max_gen_toks": t.max_gen_toks} if t.max_gen_toks else {}),
             }
             for t in suite.tasks
         ],

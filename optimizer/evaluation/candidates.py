@@ -47,9 +47,11 @@ class Candidate(ABC):
     """Something lm-eval can score, evaluated like ``baseline`` (its compute dtype and
     tokenizer) unless it says otherwise."""
 
-    def check(self, baseline: BaselineRef) -> None:  # noqa: B027 (optional hook)
-        """Raise :class:`OptimizerError` if this candidate cannot be evaluated faithfully.
-        Cheap (no model load); called before the baseline is evaluated."""
+    def check(  # noqa: B027 (optional hook)
+        self, baseline: BaselineRef, suite: Suite | None = None, **options: Any
+    ) -> None:
+        """Raise :class:`OptimizerError` if this candidate cannot be evaluated faithfully on
+        ``suite``. Cheap (no model load); called before the baseline is evaluated."""
 
     @abstractmethod
     def load(self, suite: Suite, baseline: BaselineRef) -> Scorable:
@@ -151,7 +153,7 @@ class CheckpointCandidate(Candidate):
         if problem:
             raise OptimizerError(problem)
 
-    def check(self, baseline: BaselineRef) -> None:
+    def check(self, baseline: BaselineRef, suite: Suite | None = None, **options: Any) -> None:
         """A unified export is checked from its safetensors headers before the baseline is
         evaluated (optimizer/unified/check.py): a missing scale, a wrong shape or dtype is
         refused now, not after minutes of baseline evaluation."""

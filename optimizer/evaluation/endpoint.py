@@ -4,7 +4,10 @@
 Loglikelihood tasks need the log-probability of every prompt token (``echo`` with
 ``logprobs``); servers that do not return them make lm-eval score every choice alike with no
 error (trtllm-serve's completions endpoint is one), so :func:`probe_prompt_logprobs` asks once
-before the baseline is evaluated.
+before the baseline is evaluated -- when the suite has such tasks. Generative tasks
+(``generate_until``: GSM8K exact match, greedy agreement; the shipped suite ``served``) need
+generated text only, so a suite of them gates any server; it is only asked once for a
+completion (:func:`probe_completion`), so an unreachable server is refused up front too.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from optimizer.errors import OptimizerError
 from optimizer.evaluation.candidates import Candidate
+from optimizer.resources import TASKS as LOCAL_TASKS
 
 if TYPE_CHECKING:
     from optimizer.evaluation.baseline import BaselineRef
@@ -27,28 +31,49 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _post(base_url: str, body: dict[str, Any], timeout: float) -> tuple[Any, str | None]:
+    """The endpoint's JSON answer to ``body``, or why there is none."""
+    request = urllib.request.Request(
+        base_url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read()), None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return None, f"the probe request to {base_url} failed: {e}"
+
+
+def probe_completion(
+    base_url: str, model: str, token_ids: list[int], timeout: float = 30
+) -> str | None:
+    """None if the endpoint completes a token-id prompt greedily (text in its first choice),
+    else why not."""
+    body = {"model": model, "prompt": token_ids, "max_tokens": 1, "temperature": 0}
+    payload, error = _post(base_url, body, timeout)
+    if error:
+        return error
+    try:
+        text = payload["choices"][0]["text"]
+    except (KeyError, IndexError, TypeError):
+        return "the endpoint's answer has no choices[0].text"
+    return None if isinstance(text, str) else "the endpoint's choices[0].text is not text"
+
+
 def probe_prompt_logprobs(
     base_url: str, model: str, token_ids: list[int], timeout: float = 30
 ) -> str | None:
     """None if the endpoint returns one logprob per prompt token, else why not."""
-    body = json.dumps(
-        {
-            "model": model,
-            "prompt": token_ids,
-            "max_tokens": 1,
-            "echo": True,
-            "logprobs": 1,
-            "temperature": 0,
-        }
-    ).encode()
-    request = urllib.request.Request(
-        base_url, data=body, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            payload = json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        return f"the probe request to {base_url} failed: {e}"
+    body = {
+        "model": model,
+        "prompt": token_ids,
+        "max_tokens": 1,
+        "echo": True,
+        "logprobs": 1,
+        "temperature": 0,
+    }
+    payload, error = _post(base_url, body, timeout)
+    if error:
+        return error
     try:
         logprobs = payload["choices"][0].get("logprobs") or {}
     except (KeyError, IndexError, TypeError, AttributeError):
@@ -102,32 +127,62 @@ class EndpointCandidate(Candidate):
         self.model = model
         self.tokenizer = tokenizer
         self.timeout = timeout
-        self._probed = False
+        #: What a probe established: "" nothing yet, "completion" (it answers),
+        #: "logprobs" (it also returns prompt logprobs).
+        self._probed = ""
+        self._include_path: Path | None = LOCAL_TASKS
 
     def _tokenizer(self, baseline: BaselineRef) -> str:
         return str(self.tokenizer if self.tokenizer is not None else baseline.path)
 
-    def check(self, baseline: BaselineRef) -> None:
-        if self._probed:
+    def check(
+        self,
+        baseline: BaselineRef,
+        suite: Suite | None = None,
+        *,
+        include_path: Path | None = LOCAL_TASKS,
+    ) -> None:
+        """Refuse a server that cannot be gated on ``suite``: one without prompt logprobs
+        when the suite has loglikelihood or multiple-choice tasks (without a suite: assumed
+        to have them), and one that does not answer. One request, before the baseline."""
+        self._include_path = include_path  # load() checks the suite against the same tasks
+        logprob_tasks: list[str] | None = None
+        if suite is not None:
+            from optimizer.evaluation.harness import prompt_logprob_tasks
+
+            logprob_tasks = prompt_logprob_tasks(suite, include_path)
+        need_logprobs = logprob_tasks is None or bool(logprob_tasks)
+        if self._probed == "logprobs" or (self._probed and not need_logprobs):
             return
         from optimizer import models
 
         tokenizer = models.load_tokenizer(
             Path(self._tokenizer(baseline)), baseline.trust_remote_code
         )
-        reason = probe_prompt_logprobs(
-            self.base_url, self.model, tokenizer(PROBE_TEXT)["input_ids"], self.timeout
-        )
+        ids = tokenizer(PROBE_TEXT)["input_ids"]
+        if not need_logprobs:
+            reason = probe_completion(self.base_url, self.model, ids, self.timeout)
+            if reason:
+                raise OptimizerError(f"endpoint {self.base_url} cannot be gated: {reason}")
+            log.info(
+                "endpoint: suite %s is generative only; prompt logprobs not needed", suite.name
+            )
+            self._probed = "completion"
+            return
+        reason = probe_prompt_logprobs(self.base_url, self.model, ids, self.timeout)
         if reason:
+            which = f" ({', '.join(logprob_tasks)})" if logprob_tasks else ""
             raise OptimizerError(
-                f"endpoint {self.base_url} cannot be gated on loglikelihood tasks: {reason}. "
-                "lm-eval would silently score every choice alike; serve a backend that returns "
+                f"endpoint {self.base_url} cannot be gated on loglikelihood tasks{which}: "
+                f"{reason}. lm-eval would silently score every choice alike. Gate it on "
+                "generative tasks, which need no prompt logprobs (--suite served: GSM8K exact "
+                "match and greedy agreement with the baseline), serve a backend that returns "
                 "prompt logprobs, or evaluate the checkpoint instead (evaluate: checkpoint)"
             )
-        self._probed = True
+        self._probed = "logprobs"
 
     def load(self, suite: Suite, baseline: BaselineRef) -> Scorable:
-        self.check(baseline)
+        self.check(baseline, suite, include_path=self._include_path)
         return endpoint_lm(
             self.base_url,
             self.model,

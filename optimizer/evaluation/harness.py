@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, RootModel
 
-from optimizer.evaluation.suite import Suite, SuiteTask
+from optimizer.evaluation.suite import GREEDY_AGREEMENT, Suite, SuiteTask
 from optimizer.resources import TASKS as LOCAL_TASKS  # the offline task definitions (package data)
 
 #: How loglikelihoods are computed (part of the baseline cache key): shared contexts, see
@@ -57,13 +57,26 @@ class TaskScores(BaseModel):
     #: lm-eval's hash of each document's content, to tell that two evaluations scored the
     #: same document (None where lm-eval gives none).
     doc_hashes: dict[str, str | None] = {}
+    #: Each document's generated text, as the model returned it (before lm-eval's filters):
+    #: kept for ``greedy_agreement`` only, which compares them across models.
+    outputs: dict[str, str] = {}
 
     @classmethod
     def from_docs(
-        cls, docs: dict[str, float], doc_hashes: dict[str, str | None] | None = None
+        cls,
+        docs: dict[str, float],
+        doc_hashes: dict[str, str | None] | None = None,
+        outputs: dict[str, str] | None = None,
     ) -> TaskScores:
         value, stderr = mean_stderr(list(docs.values()))
-        return cls(value=value, stderr=stderr, n=len(docs), docs=docs, doc_hashes=doc_hashes or {})
+        return cls(
+            value=value,
+            stderr=stderr,
+            n=len(docs),
+            docs=docs,
+            doc_hashes=doc_hashes or {},
+            outputs=outputs or {},
+        )
 
 
 class SuiteScores(RootModel[dict[str, TaskScores]]):
@@ -155,6 +168,78 @@ def _rng_restored():
             torch.cuda.set_rng_state_all(cuda)
 
 
+def _task_manager(tasks: list[str], include_path: Path | list[Path] | None) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    paths = [include_path] if isinstance(include_path, (Path, str)) else list(include_path or [])
+    return TaskManager(
+        include_path=[str(p) for p in paths] or None,
+        # lm-eval's own tasks (hub data) only when asked for: indexing them costs seconds.
+        include_defaults=not paths or any(not t.startswith("local_") for t in tasks),
+    )
+
+
+#: lm-eval request types that need the log-probability of prompt tokens (``echo`` +
+#: ``logprobs`` from a server); ``generate_until`` needs generated text only.
+LOGPROB_OUTPUT_TYPES = frozenset({"loglikelihood", "loglikelihood_rolling", "multiple_choice"})
+
+
+def output_types(
+    tasks: list[str], include_path: Path | list[Path] | None = LOCAL_TASKS
+) -> dict[str, set[str]]:
+    """Each task's lm-eval ``output_type`` (a group's: its members'), read from the task
+    configs without loading data; ``{"unknown"}`` where the config does not say (a task
+    written in Python). An unregistered name raises :class:`OptimizerError`."""
+    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from optimizer.errors import OptimizerError
+
+    manager = _task_manager(tasks, include_path)
+    index = manager.task_index
+
+    def types_of(name: str, seen: frozenset[str]) -> set[str]:
+        entry = index.get(name)
+        if entry is None:
+            raise OptimizerError(f"{name!r} is not an lm-eval task here (not registered)")
+        if entry.kind in (Kind.GROUP, Kind.TAG):
+            members = [m for m in _members(entry, index) if m not in seen]
+            return set().union(*(types_of(m, seen | {name}) for m in members))
+        cfg = load_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else entry.cfg
+        if not cfg or "class" in cfg:
+            return {"unknown"}
+        # lm-eval's TaskConfig default
+        return {cfg.get("output_type", "generate_until")}
+
+    return {t: types_of(t, frozenset()) for t in tasks}
+
+
+def _members(entry: Any, index: dict[str, Any]) -> list[str]:
+    """The task names a group or tag entry stands for."""
+    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    if entry.kind == Kind.TAG:
+        return sorted(n for n, e in index.items() if entry.name in (e.tags or set()))
+    cfg = load_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else entry.cfg or {}
+    members = cfg.get("task") or []
+    names = []
+    for m in members if isinstance(members, list) else [members]:
+        name = m.get("task") if isinstance(m, dict) else m
+        if isinstance(name, str):
+            names.append(name)
+    return names
+
+
+def prompt_logprob_tasks(suite: Suite, include_path: Path | None = LOCAL_TASKS) -> list[str]:
+    """The suite's tasks that need prompt-token logprobs (loglikelihood or multiple-choice
+    tasks, and tasks whose type cannot be read), in suite order."""
+    names = list(dict.fromkeys(t.task for t in suite.tasks))
+    paths = [p for p in (include_path, suite.tasks_dir) if p is not None]
+    types = output_types(names, [Path(p) for p in paths])
+    return [t for t in names if types[t] & (LOGPROB_OUTPUT_TYPES | {"unknown"})]
+
+
 def evaluate_tasks(
     lm: Any,
     tasks: list[str],
@@ -163,19 +248,15 @@ def evaluate_tasks(
     num_fewshot: int | None = None,
     include_path: Path | list[Path] | None = LOCAL_TASKS,
     log_samples: bool = False,
+    gen_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One ``lm_eval.simple_evaluate`` with the pinned settings; returns ``{"results": {task:
     {metric: value, metric_stderr: value}}, "samples": {task: [...]}}`` (samples only with
-    ``log_samples``)."""
+    ``log_samples``). ``gen_kwargs`` update the generation settings of the generative
+    tasks (lm-eval leaves the others alone)."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    paths = [include_path] if isinstance(include_path, (Path, str)) else list(include_path or [])
-    manager = TaskManager(
-        include_path=[str(p) for p in paths] or None,
-        # lm-eval's own tasks (hub data) only when asked for: indexing them costs seconds.
-        include_defaults=not paths or any(not t.startswith("local_") for t in tasks),
-    )
+    manager = _task_manager(tasks, include_path)
     with _rng_restored():  # simple_evaluate seeds the global RNGs; the caller keeps its own
         out = lm_eval.simple_evaluate(
             model=lm,
@@ -184,6 +265,7 @@ def evaluate_tasks(
             limit=limit,
             num_fewshot=num_fewshot,
             log_samples=log_samples,
+            gen_kwargs=gen_kwargs or None,
             use_cache=None,
             random_seed=0,
             numpy_random_seed=0,
@@ -218,9 +300,9 @@ def score_suite(
         lm = target
     groups: dict[tuple, list[SuiteTask]] = {}
     for t in suite.tasks:
-        groups.setdefault(suite.settings(t), []).append(t)
+        groups.setdefault((*suite.settings(t), t.max_gen_toks), []).append(t)
     out: dict[str, TaskScores] = {}
-    for (limit, shots), tasks in groups.items():
+    for (limit, shots, max_gen_toks), tasks in groups.items():
         res = evaluate_tasks(
             lm,
             sorted({t.task for t in tasks}),
@@ -228,18 +310,53 @@ def score_suite(
             num_fewshot=shots,
             include_path=[p for p in (include_path, suite.tasks_dir) if p is not None],
             log_samples=True,
+            gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
         )
         for t in tasks:
-            docs: dict[str, float] = {}
-            hashes: dict[str, str | None] = {}
-            for task_name, samples in res["samples"].items():
-                if task_name != t.task and not task_name.startswith(f"{t.task}_"):
-                    continue  # a group (local_mmlu) reports its subtasks' samples
-                for s in samples:
-                    key = f"{task_name}:{s['doc_id']}"
-                    docs[key] = float(s[t.metric])
-                    hashes[key] = s.get("doc_hash")
-            if not docs:
-                raise RuntimeError(f"lm-eval returned no per-document {t.metric} for {t.task}")
-            out[t.key] = TaskScores.from_docs(docs, hashes)
+            out[t.key] = _task_scores(t, res["samples"])
     return SuiteScores(out)
+
+
+def _task_scores(t: SuiteTask, samples_by_task: dict[str, list[dict]]) -> TaskScores:
+    """One suite metric's per-document scores from lm-eval's logged samples. A task with
+    several filters logs each document once per filter: the metric is then read from the
+    first filter's (a suite metric is one number per document)."""
+    docs: dict[str, float] = {}
+    hashes: dict[str, str | None] = {}
+    outputs: dict[str, str] = {}
+    for task_name, samples in samples_by_task.items():
+        if task_name != t.task and not task_name.startswith(f"{t.task}_"):
+            continue  # a group (local_mmlu) reports its subtasks' samples
+        for s in samples:
+            key = f"{task_name}:{s['doc_id']}"
+            if key in docs:
+                continue  # the same document under another filter
+            if t.metric == GREEDY_AGREEMENT:
+                text = _generation(s)
+                if text is None:
+                    raise RuntimeError(
+                        f"{t.key}: {task_name} is not a generative task (greedy_agreement "
+                        "compares generated text; use an output_type: generate_until task)"
+                    )
+                outputs[key] = text
+                docs[key] = 1.0  # a model agrees with itself; verdict.py compares the outputs
+            else:
+                if t.metric not in s:
+                    raise RuntimeError(
+                        f"lm-eval reports no per-document {t.metric!r} for {task_name} "
+                        f"(it has {sorted(k for k in s if isinstance(s[k], int | float))})"
+                    )
+                docs[key] = float(s[t.metric])
+            hashes[key] = s.get("doc_hash")
+    if not docs:
+        raise RuntimeError(f"lm-eval returned no per-document {t.metric} for {t.task}")
+    return TaskScores.from_docs(docs, hashes, outputs)
+
+
+def _generation(sample: dict) -> str | None:
+    """The raw generated text of a generate_until sample (None for other request types)."""
+    responses = sample.get("resps") or []
+    first = responses[0] if responses else None
+    if isinstance(first, list):
+        first = first[0] if first else None
+    return first if isinstance(first, str) else None

@@ -81,7 +81,7 @@ def plot_png(gate: Verdict) -> bytes:
         capsize=3,
     )
     ax.set_xticks(list(x), names, rotation=15)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("score (accuracy, agreement)")
     ax.set_ylim(0, 1)
     ax.legend(loc="upper right")
     ax.set_title("baseline vs candidate (error bar: 95 % CI of the paired difference)", fontsize=9)

@@ -14,6 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from optimizer.errors import OptimizerError
 
+#: The metric that compares a candidate's greedy continuations with the baseline's on a
+#: generative task, prompt by prompt (1 where the continuations are identical: the same first
+#: ``max_gen_toks`` greedy tokens, or the same tokens up to a stop sequence). It needs no
+#: logprobs; the baseline scores 1 by definition, see :mod:`optimizer.evaluation.verdict`.
+GREEDY_AGREEMENT = "greedy_agreement"
+
 
 class Threshold(BaseModel):
     """One rule per metric: an absolute drop, a relative drop, or a floor."""
@@ -40,6 +46,12 @@ class SuiteTask(BaseModel):
     metric: str = "acc"
     limit: int | None = Field(None, gt=0)
     num_fewshot: int | None = Field(None, ge=0)
+    max_gen_toks: int | None = Field(
+        None,
+        gt=0,
+        description="generative tasks: tokens generated per prompt (the task's own if unset); "
+        "for greedy_agreement the N of 'the first N greedy tokens agree'",
+    )
 
     @property
     def key(self) -> str:

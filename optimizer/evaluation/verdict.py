@@ -14,6 +14,12 @@ noise). With the allowed drop T (absolute, or relative x baseline), and z = 1.64
 
 A ``min_value`` floor uses the candidate's own standard error the same way.
 
+``greedy_agreement`` (a suite metric of a generative task) needs no logprobs: per prompt, 1
+if the candidate's greedy continuation is the baseline's (the same first ``max_gen_toks``
+tokens), else 0. The baseline scores 1 on every prompt by definition, so the same rule
+applies unchanged: ``max_drop: 0.1`` allows 10 % of prompts to diverge, ``min_value: 0.9``
+asks for 90 % agreement (with the candidate's standard error). See :func:`agreement`.
+
 :class:`Verdict` serialises (:meth:`Verdict.to_json`) to exactly the ``gate.json`` keys the
 gate has always written.
 """
@@ -25,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from optimizer.evaluation.harness import SuiteScores, TaskScores, mean_stderr
-from optimizer.evaluation.suite import Suite, Threshold
+from optimizer.evaluation.suite import GREEDY_AGREEMENT, Suite, Threshold
 
 Z_DECIDE = 1.645  # one-sided 95 %
 Z_INTERVAL = 1.96  # two-sided 95 % for the reported interval
@@ -126,16 +132,42 @@ def judge(key: str, base: TaskScores, cand: TaskScores, threshold: Threshold) ->
     )
 
 
+def agreement(base: TaskScores, cand: TaskScores) -> tuple[TaskScores, TaskScores]:
+    """``greedy_agreement``'s per-document scores: the baseline's (1 each) and the
+    candidate's (1 where its continuation equals the baseline's) over the prompts both
+    generated for; the documents' hashes are kept for :func:`judge`'s check."""
+    keys = sorted(set(base.outputs) & set(cand.outputs))
+    if not keys:
+        raise ValueError(
+            "greedy_agreement: no generations to compare (a baseline cached before the metric "
+            "kept its outputs? clear the baseline cache)"
+        )
+    hashes = {k: base.doc_hashes.get(k) for k in keys}
+    cand_hashes = {k: cand.doc_hashes.get(k) for k in keys}
+    agree = {k: float(cand.outputs[k] == base.outputs[k]) for k in keys}
+    return (
+        TaskScores.from_docs(dict.fromkeys(keys, 1.0), hashes),
+        TaskScores.from_docs(agree, cand_hashes),
+    )
+
+
 def decide(
     suite: Suite,
     baseline: SuiteScores,
     candidate: SuiteScores,
     on_inconclusive: Literal["fail", "pass"] = "fail",
 ) -> Verdict:
-    metrics = [
-        judge(t.key, baseline[t.key], candidate[t.key], suite.threshold_for(t.key))
-        for t in suite.tasks
-    ]
+    metrics = []
+    for t in suite.tasks:
+        base, cand = baseline[t.key], candidate[t.key]
+        if t.metric != GREEDY_AGREEMENT:
+            metrics.append(judge(t.key, base, cand, suite.threshold_for(t.key)))
+            continue
+        base, cand = agreement(base, cand)
+        m = judge(t.key, base, cand, suite.threshold_for(t.key))
+        same = round(m.candidate * m.n)
+        reason = f"{same} of {m.n} greedy continuations equal the baseline's; {m.reason}"
+        metrics.append(m.model_copy(update={"reason": reason}))
     failing = [
         m.metric
         for m in metrics

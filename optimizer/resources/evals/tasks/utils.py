@@ -59,3 +59,10 @@ def winogrande_doc_to_choice(doc: dict) -> list[str]:
 # boolq task reads super_glue's integer "label" (0 = False/"no", 1 = True/"yes").
 def boolq_doc_to_target(doc: dict) -> int:
     return int(bool(doc["answer"]))
+
+
+# ---------------------------------------------------------------- greedy prompts
+def generated_chars(doc: dict, results: list[str]) -> dict:
+    """``local_greedy_prompts``' own metric: the continuation's length in characters (the
+    gate's metric, ``greedy_agreement``, compares continuations across models instead)."""
+    return {"generated_chars": float(len(results[0]))}
