@@ -64,6 +64,31 @@ def test_quickstart_recipe_on_the_builtin_model(quickstart):
     assert rec["artifacts"]["gate"] == str(run_dir / "report" / "gate.json")
 
 
+def release_gate(candidate, out):
+    """`optimize gate` of ``candidate`` against the builtin model on the shipped suite `quick`
+    (by name), as a release check runs it."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "optimizer",
+            "gate",
+            "--baseline",
+            "builtin:smollm2-135m-instruct",
+            "--candidate",
+            str(candidate),
+            "--suite",
+            "quick",
+            "-o",
+            str(out),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+
+
 def test_gate_fails_a_damaged_model_with_exit_3(builtin_cache, tmp_path):
     """Corrupted weights (half the layers' MLP output zeroed) must fail the quickstart's own
     gate (same suite, same threshold) by name. The baseline comes from the cache the
@@ -82,26 +107,7 @@ def test_gate_fails_a_damaged_model_with_exit_3(builtin_cache, tmp_path):
         weights[f"model.layers.{i}.mlp.down_proj.weight"].zero_()
     save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "gate"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "optimizer",
-            "gate",
-            "--baseline",
-            "builtin:smollm2-135m-instruct",
-            "--candidate",
-            str(damaged),
-            "--suite",
-            "quick",  # the shipped suite by name
-            "-o",
-            str(out),
-            "-q",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    proc = release_gate(damaged, out)
     assert proc.returncode == 3, proc.stderr[-3000:]
     gate = json.loads((out / "report" / "gate.json").read_text())
     assert gate["passed"] is False and gate["failing"] == ["local_arc_easy/acc"]
@@ -137,26 +143,7 @@ def test_the_gate_fails_an_export_bug_the_in_memory_model_hides(quickstart, tmp_
         == 0
     )  # structurally sound: only the numbers are wrong
     out = tmp_path / "gate"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "optimizer",
-            "gate",
-            "--baseline",
-            "builtin:smollm2-135m-instruct",
-            "--candidate",
-            str(bad),
-            "--suite",
-            "quick",
-            "-o",
-            str(out),
-            "-q",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    proc = release_gate(bad, out)
     assert proc.returncode == 3, proc.stderr[-3000:]
     gate = json.loads((out / "report" / "gate.json").read_text())
     assert gate["failing"] == ["local_arc_easy/acc"] and gate["meta"]["baseline_cached"] is True
