@@ -153,7 +153,7 @@ def plan_problem(formats: list[str], kv_cache: str | None) -> str | None:
     per_layer = {f: FORMAT_QUANT_ALGOS.get(f, f) for f in formats}
     scheme = QuantScheme(
         "MIXED_PRECISION" if len(per_layer) > 1 else next(iter(per_layer.values()), "FP8"),
-        {"fp8": "FP8"}.get(kv_cache or "", kv_cache.upper() if kv_cache else None),
+        kv_cache.upper() if kv_cache else None,  # KV_CACHE_FORMATS key -> kv_cache_quant_algo
         per_layer if len(per_layer) > 1 else {},
     )
     return scheme_problem(scheme)
