@@ -107,6 +107,8 @@ def run_cell(fmt: str, variant: str, args: argparse.Namespace, suite: Path) -> d
             for m in gate["metrics"]
         },
         "passed": gate["passed"],
+        # what the gate scored: the rebuilt export (the default after export) or the model
+        "evaluated": gate["meta"]["evaluated"],
         "training": None
         if training is None
         else {
@@ -140,6 +142,7 @@ def table(dirs: list[Path]) -> str:
         *(n.removeprefix("local_") for n in names),
         "mean",
         "recovered of PTQ drop",
+        "gated",
         "steps",
         "tokens",
         "train s",
@@ -150,7 +153,7 @@ def table(dirs: list[Path]) -> str:
     lines.append(
         "| bf16 | baseline | "
         + " | ".join(f"{any_cell['metrics'][n]['baseline']:.4f}" for n in names)
-        + f" | {base:.4f} | | | | | |"
+        + f" | {base:.4f} | | | | | | |"
     )
     order = {**{f: i for i, f in enumerate(SHIPPED)}, **{v: i for i, v in enumerate(VARIANTS)}}
     for fmt, variant, label in sorted(cells, key=lambda k: (order[k[0]], order[k[1]], k[2])):
@@ -166,7 +169,7 @@ def table(dirs: list[Path]) -> str:
         lines.append(
             f"| {fmt} | {variant}{f' ({label})' if label else ''} | "
             + " | ".join(f"{c['metrics'][n]['candidate']:.4f}" for n in names)
-            + f" | {m:.4f} | {rec} | {t.get('steps', '')} | {tokens} | "
+            + f" | {m:.4f} | {rec} | {c.get('evaluated', '')} | {t.get('steps', '')} | {tokens} | "
             f"{t.get('train_seconds', '')} | {c['wall_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"

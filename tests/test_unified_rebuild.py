@@ -28,7 +28,7 @@ from optimizer.errors import OptimizerError
 torch = pytest.importorskip("torch")
 
 
-def _quantize_and_export(src, out, fmt: str, kv_cache: str = "none", dtype=None):
+def _quantize_and_export(src, out, fmt: str, kv_cache: str = "none", dtype=None, device="cpu"):
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoModelForCausalLM
@@ -36,13 +36,13 @@ def _quantize_and_export(src, out, fmt: str, kv_cache: str = "none", dtype=None)
     from optimizer.techniques.quantize import QuantizeConfig
 
     dtype = dtype or torch.float32
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
-    calib = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(1))
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).to(device)
+    calib = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(1)).to(device)
     mtq.quantize(
         model, QuantizeConfig(format=fmt, kv_cache=kv_cache).modelopt_config(), lambda m: m(calib)
     )
     with torch.no_grad():
-        quantized = model(IDS).logits.float()
+        quantized = model(IDS.to(device)).logits.float().cpu()
     export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=out)
     return quantized
 
@@ -65,12 +65,12 @@ def _error_ratio(rebuilt_logits, quantized, plain) -> float:
     return float((rebuilt_logits - quantized).abs().mean() / (quantized - plain).abs().mean())
 
 
-def _rebuilt_logits(path, dtype="float32"):
+def _rebuilt_logits(path, dtype="float32", device="cpu"):
     from optimizer.unified.rebuild import rebuild
 
-    r = rebuild(path, dtype, "cpu")
+    r = rebuild(path, dtype, device)
     with torch.no_grad():
-        return r, r.model(IDS).logits.float()
+        return r, r.model(IDS.to(device)).logits.float().cpu()
 
 
 @pytest.mark.parametrize(
@@ -106,8 +106,8 @@ def test_nvfp4_export_computes_the_quantized_model(source, tmp_path):
     """NVFP4 against ModelOpt's in-memory model (whose NVFP4 activation quantizer needs CUDA)."""
     src, plain = source
     out = tmp_path / "nvfp4"
-    quantized = _quantize_and_export(src, out, "nvfp4", dtype=torch.bfloat16)
-    rebuilt, logits = _rebuilt_logits(out, "bfloat16")
+    quantized = _quantize_and_export(src, out, "nvfp4", dtype=torch.bfloat16, device="cuda")
+    rebuilt, logits = _rebuilt_logits(out, "bfloat16", "cuda")
     assert rebuilt.quant_algo == "NVFP4" and rebuilt.quantized_layers == 14
     assert _error_ratio(logits, quantized, plain) < 0.9
 
