@@ -69,6 +69,7 @@ BUILTIN_MODELS = {
             "num_key_value_heads": 3,
             "head_dim": 64,
             "vocab_size": 49152,
+            "tie_word_embeddings": True,
         },
     ),
 }

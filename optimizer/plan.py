@@ -52,6 +52,8 @@ class ModelDims(_Frozen):
     max_position_embeddings: int | None = None
     #: The model scales its rope (it may run beyond max_position_embeddings).
     rope_scaling: bool = False
+    #: lm_head shares the embedding (None: the config does not say); parameter counts need it.
+    tie_word_embeddings: bool | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> ModelDims | None:
@@ -61,11 +63,16 @@ class ModelDims(_Frozen):
         values = {
             k: v for k, v in values.items() if isinstance(v, str if k == "model_type" else int)
         }
-        return cls(**values, rope_scaling=bool(config.get("rope_scaling")))
+        tied = config.get("tie_word_embeddings")
+        return cls(
+            **values,
+            rope_scaling=bool(config.get("rope_scaling")),
+            tie_word_embeddings=tied if isinstance(tied, bool) else None,
+        )
 
     def as_config(self) -> dict[str, Any]:
         """The dimensions as an HF-config-shaped dict (what the format checks read)."""
-        return self.model_dump(exclude_none=True, exclude={"rope_scaling"})
+        return self.model_dump(exclude_none=True, exclude={"rope_scaling", "tie_word_embeddings"})
 
 
 class LayerFormat(_Frozen):

@@ -1,5 +1,6 @@
-"""A corpus of bad ``qat`` / ``distill`` / ``deploy`` / ``gate`` recipes: each is refused by ``optimize validate``
-(exit 2) with one readable message naming the problem, and ``optimize run`` writes nothing."""
+"""A corpus of bad ``sparsify`` / ``prune`` / ``qat`` / ``distill`` / ``deploy`` / ``gate``
+recipes: each is refused by ``optimize validate`` (exit 2) with one readable message naming
+the problem, and ``optimize run`` writes nothing."""
 
 import pytest
 
@@ -13,15 +14,14 @@ stages:
 """
 PTQ = "  - ptq: {{format: fp8}}\n"
 HF_EXPORT = "  - export: {{trtllm_checkpoint: null, hf_checkpoint: true}}\n"
+SPARSIFY = "  - sparsify: {{method: magnitude}}\n"
 
 #: (id, the stages of the recipe (YAML, a template with {model}/{calib}), message fragment)
 CASES = [
     (
-        "gate-export-without-hf-checkpoint",
-        PTQ
-        + "  - export: {{trtllm_checkpoint: {{tp: 1, pp: 1}}}}\n"
-        + "  - gate: {{suite: quick, evaluate: export}}\n",
-        "gate.evaluate: export evaluates the unified HF checkpoint an earlier export stage writes",
+        "gate-export-without-an-export",
+        PTQ + "  - gate: {{suite: quick, evaluate: export}}\n",
+        "gate.evaluate: export evaluates the checkpoint an earlier export stage writes",
     ),
     (
         "gate-export-of-a-format-it-cannot-rebuild",
@@ -249,6 +249,141 @@ CASES = [
     ),
 ]
 
+#: sparsify (the stage itself: tests/stages/test_sparsify.py).
+SPARSIFY_CASES = [
+    (
+        "sparsify-unknown-key",
+        "  - sparsify: {{methd: magnitude}}\n",
+        "stages[0].sparsify.methd: unknown key 'methd'; did you mean 'method'?",
+    ),
+    (
+        "sparsify-bad-method",
+        "  - sparsify: {{method: wanda}}\n",
+        "sparsify.method: must be one of: 'sparsegpt', 'magnitude', not 'wanda'",
+    ),
+    (
+        "sparsify-bad-pattern",
+        "  - sparsify: {{pattern: '4:8'}}\n",
+        "sparsify.pattern: must be one of: '2:4', not '4:8'",
+    ),
+    (
+        "sparsify-after-ptq",
+        PTQ + SPARSIFY,
+        "stages[1].sparsify: sparsify comes after a quantizing stage (format fp8)",
+    ),
+    (
+        "sparsify-twice",
+        SPARSIFY + SPARSIFY,
+        "stages[1].sparsify: the model is already 2:4 sparse",
+    ),
+    (
+        "sparsify-exclusion-matching-nothing",
+        "  - sparsify: {{method: magnitude, exclude: ['*layers.7.*']}}\n",
+        "sparsify.exclude: '*layers.7.*' matches no linear layer of the model",
+    ),
+    (
+        "sparsify-excluding-everything",
+        "  - sparsify: {{method: magnitude, exclude: ['model.*']}}\n",
+        "sparsify.exclude: leaves no linear layer to sparsify",
+    ),
+    (
+        "sparsify-exclude-not-a-list",
+        "  - sparsify: {{exclude: '*layers.0.*'}}\n",
+        "sparsify.exclude: Input should be a valid list",
+    ),
+    (
+        "sparsify-after-export",
+        "  - export: {{trtllm_checkpoint: null, hf_checkpoint: true}}\n" + SPARSIFY,
+        "'sparsify' comes after 'export'",
+    ),
+]
+
+#: prune (the stage itself: tests/stages/test_prune.py). The tiny Llama: hidden 128, MLP 256,
+#: 2 layers, 4 query heads in 2 KV groups.
+PRUNE_CASES = [
+    (
+        "prune-unknown-key",
+        "  - prune: {{hiden_size: 64}}\n",
+        "stages[0].prune.hiden_size: unknown key 'hiden_size'; did you mean 'hidden_size'?",
+    ),
+    ("prune-no-target", "  - prune: {{}}\n", "set a target: params_fraction, or one of"),
+    (
+        "prune-hidden-larger-than-the-model",
+        "  - prune: {{hidden_size: 256}}\n",
+        "prune.hidden_size: hidden_size 256 is larger than the model's hidden_size (128); "
+        "pruning only removes",
+    ),
+    (
+        "prune-more-layers-than-the-model",
+        "  - prune: {{num_layers: 3}}\n",
+        "prune.num_layers: num_layers 3 is larger than the model's num_hidden_layers (2)",
+    ),
+    (
+        "prune-heads-not-a-multiple-of-kv-heads",
+        "  - prune: {{num_attention_heads: 3}}\n",
+        "prune.num_attention_heads: num_attention_heads 3 is not a multiple of the 2 KV heads",
+    ),
+    (
+        "prune-heads-moved-between-groups",
+        "  - prune: {{num_key_value_heads: 1, num_attention_heads: 4}}\n",
+        "4 query heads over 1 KV heads would be 4 per KV group, more than the model's 2",
+    ),
+    (
+        "prune-params-fraction-1.5",
+        "  - prune: {{params_fraction: 1.5}}\n",
+        "prune.params_fraction: Input should be less than 1",
+    ),
+    (
+        "prune-params-fraction-out-of-reach",
+        "  - prune: {{params_fraction: 0.3}}\n",
+        "prune.params_fraction: params_fraction 0.3 is out of reach",
+    ),
+    (
+        "prune-search-unknown-axis",
+        "  - prune: {{params_fraction: 0.8, search: [heads]}}\n",
+        "prune.search[0]: must be one of: 'ffn_hidden_size', 'hidden_size', "
+        "'num_attention_heads', 'num_layers', not 'heads'",
+    ),
+    (
+        "prune-search-without-params-fraction",
+        "  - prune: {{hidden_size: 64, search: [hidden_size]}}\n",
+        "search applies only with params_fraction",
+    ),
+    (
+        "prune-after-ptq",
+        PTQ + "  - prune: {{hidden_size: 64}}\n",
+        "'prune' comes after a quantizing stage (format fp8)",
+    ),
+    (
+        "prune-after-export",
+        HF_EXPORT + "  - prune: {{hidden_size: 64}}\n",
+        "'prune' comes after 'export'",
+    ),
+    (
+        "prune-nothing",
+        "  - prune: {{hidden_size: 128, num_layers: 2}}\n",
+        "prunes nothing: every target equals the model's size",
+    ),
+    (
+        "prune-then-tp-beyond-the-pruned-heads",
+        "  - prune: {{num_attention_heads: 2}}\n  - export: {{trtllm_checkpoint: {{tp: 4}}}}\n",
+        "tp=4 does not divide the model's 2 attention heads",
+    ),
+    (
+        "prune-then-int4-blocks-beyond-the-pruned-hidden-size",
+        "  - prune: {{hidden_size: 96}}\n  - ptq: {{format: int4_awq, group_size: 64}}\n",
+        "do not divide the model's hidden_size (q/k/v, gate/up inputs) = 96",
+    ),
+    (
+        "prune-then-layer-loss-beyond-the-kept-layers",
+        "  - prune: {{num_layers: 1}}\n"
+        "  - distill: {{layer_losses: [{{student: model.layers.1, teacher: model.layers.1}}]}}\n",
+        "distill.layer_losses[0].student: model.layers.1: the model has 1 layers (0-0)",
+    ),
+]
+
+CASES += SPARSIFY_CASES + PRUNE_CASES
+
 #: Cases also run through ``optimize run -o DIR``: refused before the run directory exists.
 RUN_CASES = {
     "qat-steps-0",
@@ -256,6 +391,9 @@ RUN_CASES = {
     "qat-without-ptq",
     "distill-missing-teacher-dir",
     "deploy-int4-awq-on-vllm",
+    "sparsify-after-ptq",
+    "prune-hidden-larger-than-the-model",
+    "prune-after-ptq",
 }
 
 

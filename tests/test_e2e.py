@@ -64,9 +64,9 @@ def test_quickstart_recipe_on_the_builtin_model(quickstart):
     assert rec["artifacts"]["gate"] == str(run_dir / "report" / "gate.json")
 
 
-def release_gate(candidate, out):
-    """`optimize gate` of ``candidate`` against the builtin model on the shipped suite `quick`
-    (by name), as a release check runs it."""
+def release_gate(candidate, out, suite="quick"):
+    """`optimize gate` of ``candidate`` against the builtin model on ``suite`` (default the
+    shipped suite `quick`, by name), as a release check runs it."""
     return subprocess.run(
         [
             sys.executable,
@@ -78,7 +78,7 @@ def release_gate(candidate, out):
             "--candidate",
             str(candidate),
             "--suite",
-            "quick",
+            str(suite),
             "-o",
             str(out),
             "-q",
@@ -124,8 +124,7 @@ def test_the_gate_fails_an_export_bug_the_in_memory_model_hides(quickstart, tmp_
     (layer 0's o_proj weight_scale) fails the same gate (`optimize gate` on the files, as a
     release check runs it): measured 0.505 -> 0.3625. `evaluate: model` would pass: the bug is
     only in the files that ship. (A 10x wrong rope base, 100000 -> 10000, moved this suite by
-    only 0.75 points: ARC-Easy's prompts are short. tests/test_unified_rebuild.py checks that
-    the rebuilt model takes its rope base from the checkpoint.)"""
+    only 0.75 points: ARC-Easy's prompts are short; greedy agreement sees it, see below.)"""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -147,3 +146,45 @@ def test_the_gate_fails_an_export_bug_the_in_memory_model_hides(quickstart, tmp_
     assert proc.returncode == 3, proc.stderr[-3000:]
     gate = json.loads((out / "report" / "gate.json").read_text())
     assert gate["failing"] == ["local_arc_easy/acc"] and gate["meta"]["baseline_cached"] is True
+
+
+#: Greedy agreement on the served suite's prompts, sized for a CPU: 32 prompts, 16 tokens.
+GREEDY_SUITE = """\
+name: greedy-32
+description: greedy agreement with the baseline, first 16 tokens of 32 prompts
+limit: 32
+tasks:
+  - {task: local_greedy_prompts, metric: greedy_agreement, max_gen_toks: 16}
+thresholds:
+  default: {max_drop: 0.5}
+"""
+
+
+def test_a_wrong_rope_base_in_the_export_fails_greedy_agreement(quickstart, tmp_path):
+    """A 10x wrong rope base in the exported config.json (100000 -> 10000), which ARC-Easy
+    misses, fails a greedy-agreement gate on the same files: its position encoding changes
+    the argmax within a few tokens (measured on 64 prompts x 32 tokens: 12.5 % of prompts
+    agree), while the correct FP8 export keeps most continuations."""
+    import shutil
+
+    proc, run_dir = quickstart
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    suite = tmp_path / "greedy.yaml"
+    suite.write_text(GREEDY_SUITE)
+    bad = shutil.copytree(run_dir / "hf_checkpoint", tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    rope = config.get("rope_parameters") or config
+    assert rope["rope_theta"] == 100000.0
+    rope["rope_theta"] = 10000.0
+    (bad / "config.json").write_text(json.dumps(config))
+
+    def agreement(candidate, out):
+        proc = release_gate(candidate, out, suite)
+        gate = json.loads((out / "report" / "gate.json").read_text())
+        return proc, gate["metrics"][0]["candidate"]
+
+    good_proc, good = agreement(run_dir / "hf_checkpoint", tmp_path / "gate-good")
+    bad_proc, wrong = agreement(bad, tmp_path / "gate-bad")
+    assert good_proc.returncode == 0, (good, good_proc.stderr[-3000:])
+    assert bad_proc.returncode == 3, (wrong, bad_proc.stderr[-3000:])
+    assert good >= 0.6 and wrong <= 0.4, (good, wrong)

@@ -5,7 +5,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-from tiny import make_tiny_llama
+from tiny import make_tiny_llama, record_evaluations
 
 from optimizer.cli import main
 from optimizer.evaluation import Suite, SuiteScores, TaskScores, Threshold
@@ -315,31 +315,7 @@ def test_gate_after_export_in_a_recipe(tiny_llama, tiny_suite, tmp_path, monkeyp
         f"calibration: {{dataset: {CALIBRATION}, num_samples: 4, seq_len: 64}}\n"
         f"stages:\n  - ptq: {{format: fp8}}\n  - export: {{hf_checkpoint: true}}\n  - gate: {gate}\n"
     )
-    from optimizer.evaluation import harness
-
-    evaluated = []  # per evaluation: (ModelOpt input quantizers enabled, hooked linears)
-    original = harness.score_suite
-
-    def spy(target, suite, **kwargs):
-        import torch
-
-        model, _ = target
-        evaluated.append(
-            (
-                sum(
-                    getattr(getattr(m, "input_quantizer", None), "is_enabled", False)
-                    for m in model.modules()
-                ),
-                sum(
-                    bool(m._forward_pre_hooks)
-                    for m in model.modules()
-                    if isinstance(m, torch.nn.Linear)
-                ),
-            )
-        )
-        return original(target, suite, **kwargs)
-
-    monkeypatch.setattr(harness, "score_suite", spy)
+    evaluated = record_evaluations(monkeypatch)  # (quantizers on, hooked linears)
     assert main(["run", str(recipe), "-o", str(tmp_path / "run"), "-q"]) == 0
     report = json.loads((tmp_path / "run" / "report" / "gate.json").read_text())
     assert report["passed"] is True and report["metrics"][0]["n"] == 10

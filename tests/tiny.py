@@ -122,3 +122,34 @@ def run_tiny_recipe(
         f"batch_size: {batch_size}}}\nstages:\n" + "".join(f"  - {s}\n" for s in stages)
     )
     return main(["run", str(recipe), "-o", str(directory / "run"), "-q", *extra])
+
+
+def record_evaluations(monkeypatch) -> list[tuple[int, int]]:
+    """Spy on the harness: per evaluated model, (ModelOpt input quantizers enabled, linears
+    with a forward pre-hook: the rebuilt export's activation fake-quant)."""
+    import torch
+
+    from optimizer.evaluation import harness
+
+    evaluated: list[tuple[int, int]] = []
+    original = harness.score_suite
+
+    def spy(target, suite, **kwargs):
+        model, _ = target
+        evaluated.append(
+            (
+                sum(
+                    getattr(getattr(m, "input_quantizer", None), "is_enabled", False)
+                    for m in model.modules()
+                ),
+                sum(
+                    bool(m._forward_pre_hooks)
+                    for m in model.modules()
+                    if isinstance(m, torch.nn.Linear)
+                ),
+            )
+        )
+        return original(target, suite, **kwargs)
+
+    monkeypatch.setattr(harness, "score_suite", spy)
+    return evaluated

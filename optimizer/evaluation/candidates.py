@@ -5,15 +5,16 @@ Targets, by the name a recipe or a flag uses (:data:`TARGETS`):
 - ``model``: a model in memory (the pipeline's fake-quantized model), evaluated as it is;
 - ``checkpoint``: a Hugging Face checkpoint directory, loaded with ``optimizer.models.
   load_model`` (ModelOpt state restored where it was saved with it) and its fake-quantized
-  weights folded in, or — a ModelOpt unified HF export, what ships — rebuilt from its own
-  files by :mod:`optimizer.unified.rebuild`;
+  weights folded in, or — a ModelOpt unified HF export or a TensorRT-LLM checkpoint, what
+  ships — rebuilt from its own files by :mod:`optimizer.unified.rebuild` /
+  :mod:`optimizer.trtllm.rebuild`;
 - ``endpoint``: a served model behind an OpenAI-compatible ``/v1/completions`` endpoint
   (e.g. ``trtllm-serve``), scored by lm-eval's completions client
   (:mod:`optimizer.evaluation.endpoint`).
 
 A candidate refuses what it cannot evaluate faithfully as early as possible: its
-constructor refuses what can be seen on disk (no config.json; a TensorRT-LLM checkpoint; a
-unified export whose quantization cannot be rebuilt, see :func:`checkpoint_problem`), and :meth:`Candidate.check`, which
+constructor refuses what can be seen on disk (no config.json; a TensorRT engine; an export
+whose quantization or architecture cannot be rebuilt, see :func:`checkpoint_problem`), and :meth:`Candidate.check`, which
 :func:`optimizer.evaluation.evaluate_and_judge` calls before evaluating the baseline, what
 needs a request (an endpoint without prompt logprobs). Loglikelihood tasks need the
 log-probability of every prompt token (``echo`` with ``logprobs``); servers that do not
@@ -98,13 +99,16 @@ def checkpoint_problem(path: Path) -> str | None:
     from optimizer.trtllm import kind_of
 
     kind = kind_of(path)
-    if kind in ("trtllm_checkpoint", "engine"):
-        what = "TensorRT-LLM checkpoint" if kind == "trtllm_checkpoint" else "TensorRT engine"
+    if kind == "trtllm_checkpoint":
+        from optimizer.trtllm.rebuild import checkpoint_problem as trtllm_problem
+
+        return trtllm_problem(path)
+    if kind == "engine":
         return (
-            f"{path} is a {what}, which cannot be rebuilt for evaluation here yet; gate the "
-            "unified HF checkpoint exported beside it (export: {hf_checkpoint: true}), the "
-            "Hugging Face checkpoint it was made from (a run's stages/NN-ptq/model), or serve "
-            "it and gate the endpoint (--endpoint)"
+            f"{path} is a TensorRT engine, which cannot be run for evaluation here; gate the "
+            "TensorRT-LLM checkpoint it was built from, the unified HF checkpoint exported "
+            "beside it (export: {hf_checkpoint: true}), or serve it and gate the endpoint "
+            "(--endpoint)"
         )
     if "model_type" not in config:
         return (
@@ -128,8 +132,10 @@ class CheckpointCandidate(Candidate):
     (``modelopt_state.pth``, restored by ``optimizer.models.load_model``); or a ModelOpt
     unified HF export, rebuilt from its own files (:mod:`optimizer.unified.rebuild`: stored
     quantized weights dequantized, activations and KV cache fake-quantized as its config says)
-    — never through plain ``from_pretrained``, which drops the scales. What cannot be rebuilt
-    is refused at construction (:func:`checkpoint_problem`).
+    — never through plain ``from_pretrained``, which drops the scales; or a TensorRT-LLM
+    checkpoint, rebuilt the same way (:mod:`optimizer.trtllm.rebuild`) with the tokenizer
+    checked against its vocabulary. What cannot be rebuilt is refused at construction
+    (:func:`checkpoint_problem`).
 
     ``dtype`` defaults to the baseline's compute dtype, ``tokenizer`` (a directory or a
     loaded tokenizer) to the baseline's. ``fold``: bake fake-quantized weights in after
@@ -157,9 +163,18 @@ class CheckpointCandidate(Candidate):
         """A unified export is checked from its safetensors headers before the baseline is
         evaluated (optimizer/unified/check.py): a missing scale, a wrong shape or dtype is
         refused now, not after minutes of baseline evaluation."""
+        from optimizer.trtllm import check_checkpoint, kind_of
         from optimizer.unified.check import check_hf_checkpoint
         from optimizer.unified.rebuild import read_scheme
 
+        if kind_of(self.path) == "trtllm_checkpoint":
+            # The TensorRT-LLM validator reads the safetensors headers: a missing scale or a
+            # wrong shape is refused before the baseline is evaluated.
+            problems = check_checkpoint(self.path)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise OptimizerError(f"{self.path} cannot be gated: {problems[0]}{more}")
+            return
         if read_scheme(self.path) is None:
             return
         problems = check_hf_checkpoint(self.path)
@@ -173,12 +188,20 @@ class CheckpointCandidate(Candidate):
 
     def load(self, suite: Suite, baseline: BaselineRef) -> Scorable:
         from optimizer import models
+        from optimizer.trtllm import kind_of
         from optimizer.unified.rebuild import read_scheme, rebuild
 
         dtype = self.dtype or baseline.compute_dtype
         tokenizer = self.tokenizer if self.tokenizer is not None else baseline.path
         if isinstance(tokenizer, str | Path):
             tokenizer = models.load_tokenizer(Path(tokenizer), self.trust_remote_code)
+        if kind_of(self.path) == "trtllm_checkpoint":
+            from optimizer.trtllm.rebuild import rebuild as rebuild_trtllm
+
+            # No tokenizer in a TensorRT-LLM checkpoint: the source model's (the pipeline's
+            # model, or the baseline for `optimize gate`), checked against its vocabulary.
+            log.info("rebuilding the TensorRT-LLM checkpoint in %s (%s)", self.path, dtype)
+            return rebuild_trtllm(self.path, dtype, tokenizer=tokenizer).model, tokenizer
         if read_scheme(self.path) is not None:
             log.info("rebuilding the exported model in %s (%s)", self.path, dtype)
             return rebuild(self.path, dtype).model, tokenizer

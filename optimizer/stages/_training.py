@@ -37,6 +37,14 @@ class TrainingStage(Stage, TrainingConfig, DistillationLoss):
                     "set fsdp: false, or validate for a GPU machine with --device gpu",
                 )
             )
+        if self.fsdp and prev.sparsity:
+            problems.append(
+                (
+                    "fsdp",
+                    f"the model is {prev.sparsity} sparse: training it with fsdp: true cannot "
+                    "keep its zeros yet; set fsdp: false",
+                )
+            )
         dims = prev.dims
         limit = dims.max_position_embeddings if dims and not dims.rope_scaling else None
         if limit and self.seq_len > limit:

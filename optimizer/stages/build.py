@@ -65,8 +65,10 @@ class Build(Stage):
     gemm_plugin: str | None = Field("auto", description="--gemm_plugin value, null to leave it off")
     use_paged_context_fmha: bool = True
     use_fp8_context_fmha: bool = False
-    weight_sparsity: bool = Field(
-        False, description="use 2:4 sparse weights (the model must be 2:4 sparse)"
+    weight_sparsity: bool | None = Field(
+        None,
+        description="--weight_sparsity: use 2:4 sparse weights (default: when an earlier "
+        "stage made the model 2:4 sparse)",
     )
     workers: int | None = Field(
         None, gt=0, description="parallel rank builds (default: one per rank)"
@@ -142,7 +144,15 @@ class Build(Stage):
 
     # ------------------------------------------------------------------ the command
 
-    def build_argv(self, checkpoint: Path, output: Path, world_size: int) -> list[str]:
+    def sparse_weights(self, plan: ModelPlan | None) -> bool:
+        """Whether to pass --weight_sparsity: as set, else when the plan is 2:4 sparse."""
+        if self.weight_sparsity is not None:
+            return self.weight_sparsity
+        return plan is not None and plan.sparsity == "2:4"
+
+    def build_argv(
+        self, checkpoint: Path, output: Path, world_size: int, sparse: bool = False
+    ) -> list[str]:
         argv = [
             self.trtllm_build,
             "--checkpoint_dir",
@@ -170,7 +180,7 @@ class Build(Stage):
             argv += ["--gemm_plugin", self.gemm_plugin]
         if self.use_fp8_context_fmha:
             argv += ["--use_fp8_context_fmha", "enable"]
-        if self.weight_sparsity:
+        if sparse:
             argv.append("--weight_sparsity")
         return argv + list(self.extra_args)
 
@@ -186,7 +196,10 @@ class Build(Stage):
         ckpt = plan.exports.trtllm_checkpoint if plan.exports else None
         world_size = ckpt.world_size if ckpt else 1
         argv = self.build_argv(
-            run_dir / "trtllm_checkpoint", run_dir / ".tmp-NN-engine", world_size
+            run_dir / "trtllm_checkpoint",
+            run_dir / ".tmp-NN-engine",
+            world_size,
+            self.sparse_weights(plan),
         )
         return shlex.join(self.command(argv, run_dir))
 
@@ -216,7 +229,8 @@ class Build(Stage):
         version = self._version(run_dir)
         ctx.log.info("TensorRT-LLM %s via %s", version or "(version unknown)", self.launcher)
         engine = ctx.new_output("engine")
-        cmd = self.command(self.build_argv(checkpoint, engine, world), run_dir)
+        sparse = self.sparse_weights(ctx.plan)
+        cmd = self.command(self.build_argv(checkpoint, engine, world, sparse), run_dir)
         ctx.log.info("build command: %s", shlex.join(cmd))
         run_logged(cmd, run_dir / "logs" / "trtllm-build.log", self.timeout_s, "trtllm-build")
         self._verify(engine, world)
@@ -231,6 +245,7 @@ class Build(Stage):
                 "command": cmd,
                 "tensorrt_llm_version": version,
                 "world_size": world,
+                "weight_sparsity": sparse,
                 "engine_bytes": sum(f.stat().st_size for f in engine.glob("rank*.engine")),
             },
         )

@@ -44,11 +44,11 @@ class Gate(Stage):
     )
     evaluate: Literal["export", "model", "checkpoint", "endpoint"] | None = Field(
         None,
-        description="export (the default after an export stage with hf_checkpoint): the model "
-        "rebuilt from the exported unified HF checkpoint, what ships; model (the default "
-        "otherwise): the in-memory optimized model; checkpoint: the pipeline's saved model "
-        "reloaded with its ModelOpt state; endpoint: a served model (OpenAI-compatible "
-        "completions)",
+        description="export (the default after an export stage): the model rebuilt from the "
+        "exported unified HF checkpoint (or, when it was not exported, the TensorRT-LLM "
+        "checkpoint), what ships; model (the default otherwise): the in-memory optimized "
+        "model; checkpoint: the pipeline's saved model reloaded with its ModelOpt state; "
+        "endpoint: a served model (OpenAI-compatible completions)",
     )
     candidate: str | None = Field(
         None, description="evaluate this checkpoint directory instead of the pipeline's model"
@@ -87,30 +87,43 @@ class Gate(Stage):
         from optimizer.evaluation.candidates import checkpoint_problem
 
         plan, problems = super().plan(prev, env)
-        exported = prev.exports is not None and prev.exports.hf_checkpoint
+        exports = prev.exports
+        hf = exports is not None and exports.hf_checkpoint
+        trtllm = exports.trtllm_checkpoint if exports is not None else None
+        exported = hf or trtllm is not None
         evaluates_export = self.candidate is None and (
             self.evaluate == "export" or (self.evaluate is None and exported)
         )
         quant = prev.quantization
-        if evaluates_export and exported and quant is not None and quant.formats:
-            from optimizer.unified.rebuild import plan_problem
+        problem = None
+        if evaluates_export and not hf and trtllm is not None and (trtllm.tp, trtllm.pp) != (1, 1):
+            problem = (
+                f"a TensorRT-LLM checkpoint sharded tp {trtllm.tp} x pp {trtllm.pp} cannot be "
+                "rebuilt (export hf_checkpoint: true beside it, or tp: 1, pp: 1)"
+            )
+        elif evaluates_export and exported and quant is not None and quant.formats:
+            # The hf_checkpoint is what the gate rebuilds when both were exported.
+            if hf:
+                from optimizer.unified.rebuild import plan_problem
+            else:
+                from optimizer.trtllm.rebuild import plan_problem
 
             problem = plan_problem([f.format for f in quant.formats], quant.kv_cache)
-            if problem:
-                problems.append(
-                    (
-                        "evaluate",
-                        f"the gate evaluates the exported checkpoint, and {problem}; set "
-                        "evaluate: model to gate the pipeline's in-memory model instead",
-                    )
+        if problem:
+            problems.append(
+                (
+                    "evaluate",
+                    f"the gate evaluates the exported checkpoint, and {problem}; set "
+                    "evaluate: model to gate the pipeline's in-memory model instead",
                 )
+            )
         if self.evaluate == "export" and self.candidate is None and not exported:
             problems.append(
                 (
                     "evaluate",
-                    "export evaluates the unified HF checkpoint an earlier export stage writes; "
-                    "add `export: {hf_checkpoint: true}` before this gate (a TensorRT-LLM "
-                    "checkpoint alone cannot be rebuilt here yet) or use evaluate: model",
+                    "export evaluates the checkpoint an earlier export stage writes "
+                    "(hf_checkpoint, or a TensorRT-LLM checkpoint); add an export stage before "
+                    "this gate or use evaluate: model",
                 )
             )
         try:
@@ -203,7 +216,8 @@ class Gate(Stage):
         """``evaluate``, defaulted: what ships (the export) when an export wrote one."""
         if self.evaluate is not None:
             return self.evaluate
-        return "export" if "hf_checkpoint" in ctx.artifacts else "model"
+        exported = "hf_checkpoint" in ctx.artifacts or "trtllm_checkpoint" in ctx.artifacts
+        return "export" if exported else "model"
 
     def _candidate(self, ctx: StageContext):
         """What this gate evaluates, checked (a refused checkpoint raises here)."""
@@ -212,9 +226,11 @@ class Gate(Stage):
         state = ctx.state
         evaluate = self._evaluate(ctx)
         if evaluate == "export" and self.candidate is None:
-            exported = ctx.artifacts.get("hf_checkpoint")
+            # The unified HF checkpoint when both were exported (what most runtimes load);
+            # else the TensorRT-LLM checkpoint, rebuilt from its files the same way.
+            exported = ctx.artifacts.get("hf_checkpoint") or ctx.artifacts.get("trtllm_checkpoint")
             if exported is None:  # validation refuses this; a direct API call may not
-                raise OptimizerError("evaluate: export, but no export stage wrote hf_checkpoint")
+                raise OptimizerError("evaluate: export, but no export stage wrote a checkpoint")
             return make_candidate(
                 "checkpoint",
                 Path(exported),

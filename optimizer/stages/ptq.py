@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from optimizer.errors import OptimizerError
 from optimizer.formats import FORMATS, check_block_size
 from optimizer.plan import Environment, LayerFormat, ModelPlan, Quantization
 from optimizer.stages.base import Stage, StageProblem, StageResult
@@ -80,8 +81,22 @@ class PTQ(Stage, QuantizeConfig):
         )
 
     def run(self, ctx: StageContext) -> StageResult:
+        from optimizer.techniques.sparsify import lost_zeros, sparse_masks
+
         model = ctx.model()
+        # A 2:4-sparse model must stay so: quantization maps 0 to 0, but an algorithm that
+        # rewrites weights (GPTQ in a ModelOpt recipe) would not.
+        masks = sparse_masks(model) if ctx.plan is not None and ctx.plan.sparsity else {}
         metrics = quantize(model, self, ctx.forward_loop())
+        lost = lost_zeros(model, masks)
+        if lost:
+            raise OptimizerError(
+                f"quantizing lost the {ctx.plan.sparsity} zeros of {len(lost)} layer(s), e.g. "
+                f"{lost[0]}: {self.format or self.modelopt_recipe} rewrites the weights; choose "
+                "a format and algorithm that keep them (fp8, int4_awq and int8_sq do)"
+            )
+        if masks:
+            metrics["sparse_layers"] = len(masks)
         ctx.log.info(
             "quantized %d linear layers in %.1f s",
             metrics["quantized_layers"],

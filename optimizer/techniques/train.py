@@ -156,6 +156,7 @@ def train(
     _check_frozen(model, config.frozen)
     if teacher is not None:
         _check_layers(model, teacher, distillation.layer_losses)
+        _check_layer_widths(model, teacher, distillation.layer_losses)
 
     cuda = torch.cuda.is_available()
     world = launch.world_size()
@@ -201,6 +202,8 @@ def train(
     )
 
     restore_dtypes = _float32_master_weights(model)
+    # A 2:4-sparse model (after sparsify) keeps its zeros: they are its masks.
+    keep_zeros, unhook = _keep_zeros(model, fsdp=config.fsdp)
     if teacher is not None and not cuda:
         teacher.float()  # CPU autocast is off: both compute in float32
     trainer_cls = _trainer_class(quantized=quantized, teacher=teacher is not None)
@@ -213,7 +216,7 @@ def train(
             "train": splits.train.head(len(splits.heldout)),
         },
         "trainer_args": ModelOptTrainerArguments(frozen_params=list(config.frozen) or None),
-        "callbacks": [_progress_callback(total)],
+        "callbacks": [_progress_callback(total), *keep_zeros],
     }
     if teacher is not None:
         kwargs["distill_args"] = {
@@ -249,6 +252,7 @@ def train(
         seconds = time.time() - t0
         after = _evaluate(trainer)
     restore_dtypes(model)
+    sparse_layers = unhook()
     gathered = _save_gathered(trainer, output_dir / GATHERED_DIR) if config.fsdp else None
 
     steps_done = trainer.state.global_step
@@ -275,6 +279,7 @@ def train(
             }.items()
         ],
         "data": splits.summary(),
+        **({"sparse_layers": sparse_layers} if sparse_layers else {}),
         # FSDP2: the live model is sharded; the trained model is this checkpoint instead.
         **({"gathered_checkpoint": gathered} if gathered else {}),
     }
@@ -322,6 +327,39 @@ def _float32_master_weights(model):
                 t.data = t.data.to(dtype)
 
     return restore
+
+
+def _keep_zeros(model, *, fsdp: bool):
+    """Keep the zeros of every 2:4-sparse linear layer through training, as ModelOpt's sparse
+    modules (``weight * mask``) would: pruned weights get no gradient (so clipping and Adam's
+    moments see none), and a callback re-applies the masks after each optimizer step in case
+    an optimizer moves a weight without gradient. Returns ``([callback] or [], unhook)``;
+    ``unhook()`` removes the gradient hooks and returns the number of layers kept sparse."""
+    import torch
+    from transformers import TrainerCallback
+
+    from optimizer.techniques.sparsify import sparse_masks
+
+    modules = dict(model.named_modules())
+    pairs = [(modules[name].weight, ~keep) for name, keep in sparse_masks(model).items()]
+    if pairs and fsdp:  # FSDP2 replaces the parameters with shards the masks do not match
+        raise OptimizerError("a 2:4-sparse model cannot train with fsdp: true yet; set fsdp: false")
+    handles = [p.register_hook(lambda g, m=m: g.masked_fill(m, 0)) for p, m in pairs]
+
+    class KeepZeros(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            with torch.no_grad():
+                for p, pruned in pairs:
+                    p.masked_fill_(pruned, 0)
+
+    def unhook() -> int:
+        for h in handles:
+            h.remove()
+        return len(pairs)
+
+    if pairs:
+        log.info("keeping the 2:4 zeros of %d sparse linear layers", len(pairs))
+    return ([KeepZeros()] if pairs else []), unhook
 
 
 def _save_gathered(trainer, directory: Path) -> str:
@@ -374,6 +412,43 @@ def _check_layers(model, teacher, layers: list[LayerLoss]) -> None:
                     f"layer_losses: the {which} has no module {name!r}"
                     f"{did_you_mean(name, list(names))}"
                 )
+
+
+def _check_layer_widths(model, teacher, layers: list[LayerLoss]) -> None:
+    """Pairs of different widths (a student pruned in hidden_size against the unpruned
+    teacher), found with one two-token forward before training rather than at step 1."""
+    import torch
+
+    if not layers:
+        return
+    widths: dict[tuple[str, str], int] = {}
+    handles = []
+    for which, module in (("student", model), ("teacher", teacher)):
+        names = dict(module.named_modules())
+        for pair in layers:
+            name = getattr(pair, which)
+
+            def hook(mod, args, output, key=(which, name)):
+                out = output[0] if isinstance(output, tuple) else output
+                widths[key] = out.shape[-1]
+
+            handles.append(names[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for module in (model, teacher):
+                ids = torch.tensor([[0, 0]], device=next(module.parameters()).device)
+                module(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    for pair in layers:
+        s, t = widths.get(("student", pair.student)), widths.get(("teacher", pair.teacher))
+        if s is not None and t is not None and s != t:
+            raise OptimizerError(
+                f"layer_losses: {pair.student} outputs {s} channels and the teacher's "
+                f"{pair.teacher} {t}; a layer loss pairs modules of the same width (after "
+                "pruning hidden_size, distil on logits only: drop layer_losses)"
+            )
 
 
 def _progress_callback(total: int):

@@ -311,13 +311,12 @@ def _load_tensors(path: Path) -> dict[str, Any]:
     return tensors
 
 
-def _bare_model(path: Path, dtype):
-    """The architecture from the checkpoint's own config.json, without its quantization
-    config (transformers would try to apply it) and without random initialisation."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _bare_model(config, dtype):
+    """The architecture ``config`` describes, without its quantization config (transformers
+    would try to apply it) and without random initialisation."""
+    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     with no_init_weights():
@@ -338,9 +337,7 @@ class Rebuilt:
 def rebuild(path: Path, dtype: str, device: str | None = None) -> Rebuilt:
     """The model in ``path`` (a ModelOpt unified HF checkpoint, or a plain one) computing in
     ``dtype`` on ``device`` (default: CUDA when available)."""
-    import torch
-
-    from optimizer.models import torch_dtype
+    from transformers import AutoConfig
 
     path = Path(path)
     scheme = read_scheme(path)
@@ -348,9 +345,31 @@ def rebuild(path: Path, dtype: str, device: str | None = None) -> Rebuilt:
         problem = scheme_problem(scheme)
         if problem:
             raise OptimizerError(f"{path}: {problem}")
+    return assemble(
+        path, AutoConfig.from_pretrained(path), scheme, _load_tensors(path), dtype, device
+    )
+
+
+def assemble(
+    path: Path | str,
+    config,
+    scheme: QuantScheme | None,
+    tensors: dict[str, Any],
+    dtype: str,
+    device: str | None = None,
+) -> Rebuilt:
+    """The model of the transformers ``config`` with the unified-checkpoint-named ``tensors``
+    (``<module>.weight``, ``weight_scale``, ``weight_scale_2``, ``input_scale``,
+    ``pre_quant_scale``, ``k_proj.k_scale`` / ``v_proj.v_scale``) quantized as ``scheme``
+    says, computing in ``dtype`` on ``device``. ``path`` names the source in messages. Shared
+    with :mod:`optimizer.trtllm.rebuild`, which translates a TensorRT-LLM checkpoint into
+    these names."""
+    import torch
+
+    from optimizer.models import torch_dtype
+
     target = torch_dtype(dtype)
-    model = _bare_model(path, target)
-    tensors = _load_tensors(path)
+    model = _bare_model(config, target)
     state: dict[str, Any] = {}
     consumed: set[str] = set()
     quantized: set[str] = set()

@@ -150,7 +150,8 @@ def test_gate_stage_refuses_an_unrebuildable_export_before_the_baseline(
 
 
 def test_tensorrt_llm_checkpoints_are_refused_up_front(tmp_path):
-    """transformers cannot load them: refused before any baseline work, with what to gate."""
+    """A TensorRT-LLM checkpoint the rebuild cannot read (here: no tensors, no sizes) is
+    refused before any baseline work (real exports are rebuilt: tests/test_trtllm_rebuild.py)."""
     from optimizer.evaluation.candidates import checkpoint_problem
 
     ckpt = tmp_path / "trtllm"

@@ -201,6 +201,28 @@ def test_dry_run_prints_the_exact_docker_command(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "sparsify,build,flag",
+    [
+        ("  - sparsify: {method: magnitude}\n", "{}", True),  # the plan is 2:4 sparse
+        ("  - sparsify: {method: magnitude}\n", "weight_sparsity: false", False),
+        ("", "{}", False),  # a dense model builds dense
+    ],
+)
+def test_weight_sparsity_follows_the_plan(sparsify, build, flag, tiny_llama, tmp_path, capsys):
+    b = BUILD if build == "{}" else BUILD[:-1] + ", " + build + "}"
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"name: b\nmodel: {{source: {tiny_llama}}}\n"
+        f"calibration: {{dataset: {CALIBRATION}, num_samples: 2, seq_len: 32}}\nstages:\n"
+        f"{sparsify}  - ptq: {{format: fp8}}\n  - export: {{trtllm_checkpoint: {{tp: 1}}}}\n"
+        f"  - build: {b}\n"
+    )
+    assert main(["run", str(path), "-o", str(tmp_path / "run"), "--dry-run"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "--checkpoint_dir" in x)
+    assert ("--weight_sparsity" in line) == flag
+
+
+@pytest.mark.parametrize(
     "ptq,build,message",
     [
         ("{format: fp8}", "use_fp8_context_fmha: true", "FP8 context FMHA needs an FP8 KV cache"),

@@ -363,6 +363,19 @@ def test_sparsity_is_a_warning_not_a_refusal(tiny_llama, tmp_path, test_stages, 
     assert "the model is 2:4 sparse, but the unified HF checkpoint is served dense" in err
 
 
+def test_the_sparsify_stage_warns_that_deploy_serves_dense(tiny_llama, tmp_path, capsys):
+    """The real stage: validation passes and says the speed-up is not there (a warning)."""
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"name: s\nmodel: {{source: {tiny_llama}}}\nstages:\n"
+        f"  - sparsify: {{method: magnitude}}\n  - {EXPORT}\n  - {deploy('trtllm')}\n"
+    )
+    assert main(["validate", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "error" not in err.lower()
+    assert "the model is 2:4 sparse, but the unified HF checkpoint is served dense" in err
+
+
 # ---------------------------------------------------------------------- consumer contract
 
 
