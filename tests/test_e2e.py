@@ -148,23 +148,25 @@ def test_the_gate_fails_an_export_bug_the_in_memory_model_hides(quickstart, tmp_
     assert gate["failing"] == ["local_arc_easy/acc"] and gate["meta"]["baseline_cached"] is True
 
 
-#: Greedy agreement on the served suite's prompts, sized for a CPU: 32 prompts, 16 tokens.
+#: Greedy agreement on the served suite's prompts (the first 128: GSM8K questions), first 8
+#: tokens. Measured on this model (CPU, 96 prompts): the FP8 export agrees on 45 % at 8
+#: tokens, with a 10x wrong rope base on 19 % (at 32 tokens 20 % vs 6 %: a 135M model's
+#: greedy path is fragile). max_drop 0.75 sits between them by ~2 standard errors each side.
 GREEDY_SUITE = """\
-name: greedy-32
-description: greedy agreement with the baseline, first 16 tokens of 32 prompts
-limit: 32
+name: greedy-128x8
+description: greedy agreement with the baseline, first 8 tokens of 128 prompts
+limit: 128
 tasks:
-  - {task: local_greedy_prompts, metric: greedy_agreement, max_gen_toks: 16}
+  - {task: local_greedy_prompts, metric: greedy_agreement, max_gen_toks: 8}
 thresholds:
-  default: {max_drop: 0.5}
+  default: {max_drop: 0.75}
 """
 
 
 def test_a_wrong_rope_base_in_the_export_fails_greedy_agreement(quickstart, tmp_path):
     """A 10x wrong rope base in the exported config.json (100000 -> 10000), which ARC-Easy
-    misses, fails a greedy-agreement gate on the same files: its position encoding changes
-    the argmax within a few tokens (measured on 64 prompts x 32 tokens: 12.5 % of prompts
-    agree), while the correct FP8 export keeps most continuations."""
+    misses, fails a greedy-agreement gate that the correct FP8 export passes: the wrong
+    position encoding changes the argmax within a few tokens."""
     import shutil
 
     proc, run_dir = quickstart
@@ -187,4 +189,4 @@ def test_a_wrong_rope_base_in_the_export_fails_greedy_agreement(quickstart, tmp_
     bad_proc, wrong = agreement(bad, tmp_path / "gate-bad")
     assert good_proc.returncode == 0, (good, good_proc.stderr[-3000:])
     assert bad_proc.returncode == 3, (wrong, bad_proc.stderr[-3000:])
-    assert good >= 0.6 and wrong <= 0.4, (good, wrong)
+    assert good - wrong >= 0.15, (good, wrong)
