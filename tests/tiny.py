@@ -153,3 +153,32 @@ def record_evaluations(monkeypatch) -> list[tuple[int, int]]:
 
     monkeypatch.setattr(harness, "score_suite", spy)
     return evaluated
+
+
+#: A run whose stage ``sys.argv[3]`` ("module:Class") dies by SIGKILL as it starts: the
+#: stages before it have committed, nothing cleans up (as an OOM kill).
+_KILL_AT_STAGE = """
+import importlib, os, signal, sys
+from optimizer.cli import main
+module, name = sys.argv[3].split(":")
+def die(self, ctx):
+    os.kill(os.getpid(), signal.SIGKILL)
+setattr(getattr(importlib.import_module(module), name), "run", die)
+sys.exit(main(["run", sys.argv[1], "-o", sys.argv[2], "-q"]))
+"""
+
+
+def run_killed_at(recipe: Path, run_dir: Path, stage: str):
+    """``optimize run recipe -o run_dir`` in a subprocess killed when ``stage`` (e.g.
+    "optimizer.stages.ptq:PTQ") starts; returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-c", _KILL_AT_STAGE, str(recipe), str(run_dir), stage],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )

@@ -5,15 +5,12 @@ dimensions, and bad recipes are refused before anything is written."""
 
 import json
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from test_bad_input_corpus import HEAD, HF_EXPORT
-from tiny import run_tiny_recipe
+from tiny import run_killed_at, run_tiny_recipe
 
 from optimizer import models, trtllm
 from optimizer.cli import main
@@ -94,28 +91,10 @@ def test_stage_reports_sizes_reloads_and_exports_validator_clean(finished, tiny_
     assert {k: hf[k] for k in after} == after
 
 
-KILL_AFTER_PRUNE = textwrap.dedent("""
-    import os, signal, sys
-    import modelopt.torch.export as export_api
-    from optimizer.cli import main
-
-    def die(*args, **kwargs):  # prune has committed; the export dies without clean-up
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    export_api.export_tensorrt_llm_checkpoint = die
-    sys.exit(main(["run", sys.argv[1], "-o", sys.argv[2], "-q"]))
-""")
-
-
 def test_killed_after_prune_resumes_without_redoing_it(finished, tmp_path):
     recipe, reference = finished
     run_dir = tmp_path / "killed"
-    proc = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_PRUNE, str(recipe), str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_killed_at(recipe, run_dir, "optimizer.stages.export:Export")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     killed = read_run(run_dir)
     assert [s["status"] for s in killed["stages"]] == ["success", "running"]

@@ -5,10 +5,7 @@ dense; a run killed after the stage resumes without redoing it to identical arti
 recipes are refused with one clear message."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_bad_input_corpus import HEAD, assert_one_clear_error
-from tiny import CALIBRATION, REPO
+from tiny import CALIBRATION, REPO, run_killed_at
 
 from optimizer import calibration, models
 from optimizer.cli import main
@@ -299,31 +296,12 @@ def test_sparsegpt_int4_awq_keeps_the_zeros_to_the_packed_exports_and_sparse_eng
     assert build["weight_sparsity"] is True and "--weight_sparsity" in build["command"]
 
 
-KILL_AT_PTQ = textwrap.dedent("""
-    import os, signal, sys
-    from optimizer.cli import main
-    from optimizer.stages.ptq import PTQ
-
-    def die(self, ctx):
-        os.kill(os.getpid(), signal.SIGKILL)  # as an OOM kill: no clean-up at all
-
-    PTQ.run = die
-    sys.exit(main(["run", sys.argv[1], "-o", sys.argv[2], "-q"]))
-""")
-
-
 def test_killed_after_sparsify_resumes_without_redoing_it_to_identical_artifacts(
     int4_run, tmp_path
 ):
     recipe, reference, ref = int4_run
     run_dir = tmp_path / "killed"
-    proc = subprocess.run(
-        [sys.executable, "-c", KILL_AT_PTQ, str(recipe), str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "2"},
-    )
+    proc = run_killed_at(recipe, run_dir, "optimizer.stages.ptq:PTQ")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     killed = json.loads((run_dir / "run.json").read_text())
     assert [s["status"] for s in killed["stages"]] == ["success", "running", "pending", "pending"]
