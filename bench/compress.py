@@ -3,9 +3,11 @@ recovery (distillation) and then FP8 / INT4 AWQ, gated on the `general` suite.
 
 Structural variants (`--variants`):
   sparse24  sparsify: SparseGPT 2:4, every linear but lm_head
-  width     prune: params_fraction 0.75 over MLP and hidden channels (Minitron's width-first)
-  depth     prune: 20 of 30 decoder layers (~75 % of parameters)
-  both      prune: params_fraction 0.75 over MLP, hidden and depth
+  width     prune: params_fraction 0.75 over MLP and hidden channels (Minitron's width-first;
+            size_multiple 16: picks hidden 576 -> 432, MLP kept)
+  depth     prune: 20 of 30 decoder layers (~74 % of parameters)
+  both      prune: params_fraction 0.75 over MLP, hidden and depth (size_multiple 64: hidden
+            cannot shrink with 9 heads, so it picks MLP 1536 -> 1088 and 26 layers)
 Every variant runs as a chain of real `optimize run --resume` calls in one run directory, so
 the compression (and the distillation) is computed once and reused by the later steps:
   raw       compress -> gate
@@ -23,6 +25,12 @@ SGLang serve the unified checkpoint dense. Quantized models are not timed: in Py
 as fake quantization, which says nothing of a serving engine's speed.
 
   python bench/compress.py --variants sparse24 width depth both --out DIR      # GPU
+  # one GPU, the four chains side by side (a 135M model leaves the H200 mostly idle):
+  for v in sparse24 width depth both; do
+    python bench/compress.py --variants $v --no-latency --out DIR --work W & done; wait
+  python bench/compress.py --variants sparse24 width depth both --out DIR --work W  # latency
+A step whose cell is in --work already is not re-run (--redo re-runs it), so an interrupted
+call continues where it stopped.
   python bench/compress.py --table DIR [DIR ...] > bench/results/compress-gpu.md
 """
 
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -45,7 +54,15 @@ MODEL = {"source": "builtin:smollm2-135m-instruct", "dtype": "bfloat16"}
 CALIBRATION = {"dataset": "python-docs", "num_samples": 128, "seq_len": 512, "batch_size": 8}
 COMPRESS = {
     "sparse24": {"sparsify": {"method": "sparsegpt", "pattern": "2:4"}},
-    "width": {"prune": {"params_fraction": 0.75, "search": ["ffn_hidden_size", "hidden_size"]}},
+    # size_multiple 16: hidden must stay a multiple of the 9 heads (transformers' Llama
+    # config); no multiple of 64 below 576 is one. Picks hidden 432, MLP 1536 (75.0 %).
+    "width": {
+        "prune": {
+            "params_fraction": 0.75,
+            "search": ["ffn_hidden_size", "hidden_size"],
+            "size_multiple": 16,
+        }
+    },
     "depth": {"prune": {"num_layers": 20}},
     "both": {
         "prune": {
@@ -98,7 +115,10 @@ def suite_file(work: Path, limit: int | None, batch: int) -> Path:
         for t in data["tasks"]:
             t["limit"] = limit
     path = work / "suite.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    # atomic: chains started side by side on one --work write it at the same moment
+    tmp = path.with_name(f".suite-{os.getpid()}.yaml")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, path)
     return path
 
 
@@ -110,7 +130,8 @@ def parameter_count(model_dir: Path) -> int:
     params = 0
     for f in sorted(model_dir.glob("*.safetensors")):
         for name, info in read_safetensors_header(f).items():
-            if "quantizer" not in name and not name.endswith("_amax"):
+            # (ModelOpt's 2:4 masks, saved with a sparsify stage's model, are not weights)
+            if "quantizer" not in name and not name.endswith(("_amax", "_mask")):
                 params += math.prod(info["shape"])
     return params
 
@@ -288,6 +309,7 @@ def main() -> int:
     ap.add_argument("--latency-seq", type=int, default=512)
     ap.add_argument("--latency-iters", type=int, default=20)
     ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--redo", action="store_true", help="re-run steps already measured in --work")
     ap.add_argument("--out", default="bench-compress")
     ap.add_argument("--work", default="/tmp/bench-compress")
     ap.add_argument("--table", nargs="*", type=Path)
@@ -301,7 +323,15 @@ def main() -> int:
     suite = suite_file(work, args.limit, args.eval_batch_size)
     for variant in args.variants:
         for step in args.steps_to_run:
-            cell = run_step(variant, step, args, suite)
+            # A step measured by an earlier (interrupted) call is kept, not re-run: the chain
+            # resumes at the first step without a cell.
+            done = work / variant / "cells" / f"{step}.json"
+            if done.exists() and not args.redo:
+                cell = json.loads(done.read_text())
+            else:
+                cell = run_step(variant, step, args, suite)
+                done.parent.mkdir(parents=True, exist_ok=True)
+                done.write_text(json.dumps(cell, indent=1) + "\n")
             (out / f"{variant}-{step}.json").write_text(json.dumps(cell, indent=1) + "\n")
             print(
                 f"{variant:9s} {step:8s}: mean {mean(cell, 'candidate'):.4f} "

@@ -200,6 +200,18 @@ def resolve_targets(
         )
     if problems:
         return None, problems, {}
+    hidden = config.hidden_size or d["hidden_size"]
+    if hidden % new_q:
+        problems.append(
+            (
+                "hidden_size",
+                f"hidden_size {hidden} is not a multiple of the {new_q} attention heads: "
+                "transformers' Llama config refuses it (even with head_dim set); choose a "
+                f"multiple of {new_q}",
+            )
+        )
+    if problems:
+        return None, problems, {}
     new = {
         **d,
         "hidden_size": config.hidden_size or d["hidden_size"],
@@ -234,11 +246,23 @@ def resolve_targets(
         best, best_key, smallest = None, None, None
         for values in product(*(grids[k] for k in order)):
             cand = {**new, **dict(zip(order, values, strict=True))}
+            if cand["hidden_size"] % cand["num_attention_heads"]:
+                continue  # transformers' Llama config refuses it (see above)
             n = param_count(cand)
             smallest = n if smallest is None else min(smallest, n)
             if n <= target and (best_key is None or (n, values) > best_key):
                 best, best_key = cand, (n, values)
         if best is None:
+            hint = ""
+            heads = grids["num_attention_heads"] if "num_attention_heads" in order else [new_q]
+            if "hidden_size" in order and all(
+                h % q for h in grids["hidden_size"][:-1] for q in heads
+            ):
+                hint = (
+                    f" (hidden_size cannot shrink at all: no multiple of size_multiple "
+                    f"{config.size_multiple} within reach is also a multiple of the attention "
+                    "heads, which transformers' Llama config requires; lower size_multiple)"
+                )
             problems.append(
                 (
                     "params_fraction",
@@ -247,7 +271,7 @@ def resolve_targets(
                     f"of a width and {config.max_depth_pruning:.0%} of the layers gets down to "
                     f"{(smallest or before) / before:.1%} of the parameters at best; raise "
                     "params_fraction, add axes to `search`, or raise max_width_pruning / "
-                    "max_depth_pruning",
+                    f"max_depth_pruning{hint}",
                 )
             )
             return None, problems, {}
