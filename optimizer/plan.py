@@ -129,8 +129,10 @@ class ModelPlan(_Frozen):
     quantization: Quantization | None = None
     #: Weight sparsity pattern, e.g. "2:4".
     sparsity: str | None = None
-    #: A speculative-decoding draft head, e.g. "eagle3".
+    #: A speculative-decoding draft: "eagle3", "medusa" or "draft_target".
     draft: str | None = None
+    #: Draft tokens per step the draft was trained and measured for.
+    draft_len: int | None = None
     exports: Exports | None = None
     #: TensorRT engines were built.
     engine: bool = False

@@ -151,6 +151,18 @@ def build_splits(
     spec: TrainingData, docs: list[Document], tokenizer, seq_len: int, seed: int
 ) -> Splits:
     """Shuffle, hold out ``eval_fraction`` of the documents, tokenise and pack each split."""
+    return pack_splits(spec, *split_documents(spec, docs, seed), tokenizer, seq_len)
+
+
+def pack_splits(
+    spec: TrainingData,
+    train_docs: list[Document],
+    heldout_docs: list[Document],
+    tokenizer,
+    seq_len: int,
+) -> Splits:
+    """Tokenise and pack documents already split (see :func:`split_documents`)."""
+    docs = train_docs + heldout_docs
     has_template = bool(getattr(tokenizer, "chat_template", None))
     chats = any(isinstance(d, list) for d in docs)
     if chats and spec.chat_template is True and not has_template:
@@ -158,11 +170,8 @@ def build_splits(
             "data.chat_template is true, but the model's tokenizer has no chat template"
         )
     use_template = chats and has_template and spec.chat_template is not False
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    n_heldout = min(len(docs) - 1, max(1, round(spec.eval_fraction * len(docs))))
-    heldout = [_render(docs[i], tokenizer, use_template) for i in order[:n_heldout]]
-    train = [_render(docs[i], tokenizer, use_template) for i in order[n_heldout:]]
+    heldout = [_render(d, tokenizer, use_template) for d in heldout_docs]
+    train = [_render(d, tokenizer, use_template) for d in train_docs]
     train_windows = _pack(train, tokenizer, seq_len, None, spec.dataset, "training")
     heldout_windows = _pack(
         heldout, tokenizer, seq_len, spec.max_eval_samples, spec.dataset, "held-out"
@@ -174,6 +183,16 @@ def build_splits(
         len(heldout),
         use_template,
     )
+
+
+def split_documents(
+    spec: TrainingData, docs: list[Document], seed: int
+) -> tuple[list[Document], list[Document]]:
+    """(training, held-out) documents: shuffled with ``seed``, ``eval_fraction`` held out."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_heldout = min(len(docs) - 1, max(1, round(spec.eval_fraction * len(docs))))
+    return [docs[i] for i in order[n_heldout:]], [docs[i] for i in order[:n_heldout]]
 
 
 def _render(doc: Document, tokenizer, use_template: bool) -> str:

@@ -382,7 +382,92 @@ PRUNE_CASES = [
     ),
 ]
 
-CASES += SPARSIFY_CASES + PRUNE_CASES
+SPECULATIVE = "  - speculative: {{steps: 2}}\n"
+SPECULATIVE_CASES = [
+    (
+        "speculative-unknown-key",
+        "  - speculative: {{methd: eagle3}}\n",
+        "stages[0].speculative.methd: unknown key 'methd'; did you mean 'method'?",
+    ),
+    (
+        "speculative-bad-method",
+        "  - speculative: {{method: lookahead}}\n",
+        "speculative.method: must be one of: 'eagle3', 'medusa', 'draft_target', not 'lookahead'",
+    ),
+    (
+        "speculative-draft-len-0",
+        "  - speculative: {{draft_len: 0}}\n",
+        "speculative.draft_len: Input should be greater than or equal to 1",
+    ),
+    (
+        "speculative-min-acceptance-below-1",
+        "  - speculative: {{min_acceptance_length: 0.5}}\n",
+        "speculative.min_acceptance_length: Input should be greater than or equal to 1",
+    ),
+    (
+        "speculative-draft-target-without-draft-model",
+        "  - speculative: {{method: draft_target}}\n",
+        "speculative.draft_model: method draft_target needs a draft_model",
+    ),
+    (
+        "speculative-draft-target-with-training",
+        "  - speculative: {{method: draft_target, draft_model: {model}, steps: 10}}\n",
+        "speculative.steps: steps: draft_target trains nothing",
+    ),
+    (
+        "speculative-draft-model-other-vocabulary",
+        "  - speculative: {{method: draft_target, draft_model: ./other-vocab}}\n",
+        "speculative.draft_model: the draft's vocabulary (999 tokens) differs from the model's",
+    ),
+    (
+        "speculative-draft-model-for-eagle3",
+        "  - speculative: {{draft_model: {model}}}\n",
+        "speculative.draft_model: draft_model: only for method draft_target",
+    ),
+    (
+        "speculative-medusa-field-for-eagle3",
+        "  - speculative: {{medusa_heads: 3}}\n",
+        "speculative.medusa_heads: medusa_heads: only for method medusa",
+    ),
+    (
+        "speculative-too-few-medusa-heads",
+        "  - speculative: {{method: medusa, medusa_heads: 2, draft_len: 4}}\n",
+        "speculative.medusa_heads: 2 Medusa heads draft at most 2 tokens, not draft_len 4",
+    ),
+    (
+        "speculative-aux-layer-out-of-range",
+        "  - speculative: {{aux_layer_ids: [0, 9]}}\n",
+        "speculative.aux_layer_ids: layer 9: the model has 2 (0-1)",
+    ),
+    (
+        "speculative-head-after-ptq",
+        PTQ + SPECULATIVE,
+        "stages[1].speculative.method: a eagle3 head must be trained before the model is quantized",
+    ),
+    (
+        "speculative-twice",
+        SPECULATIVE + SPECULATIVE,
+        "stages[1].speculative: an earlier stage already gives the model a eagle3 draft",
+    ),
+    (
+        "speculative-eagle3-into-an-engine",
+        SPECULATIVE
+        + PTQ
+        + "  - export: {{trtllm_checkpoint: {{tp: 1, pp: 1}}}}\n"
+        + "  - build: {{max_batch_size: 8, max_input_len: 256, max_seq_len: 512, "
+        "max_num_tokens: 1024}}\n",
+        "stages[3].build: the eagle3 draft is not built into TensorRT-LLM <= 1.2 engines",
+    ),
+    (
+        "speculative-medusa-on-vllm",
+        "  - speculative: {{method: medusa, draft_len: 3}}\n"
+        + HF_EXPORT
+        + "  - deploy: {{targets: [vllm]}}\n",
+        "vLLM 0.16 is not given Medusa heads here",
+    ),
+]
+
+CASES += SPARSIFY_CASES + PRUNE_CASES + SPECULATIVE_CASES
 
 #: Cases also run through ``optimize run -o DIR``: refused before the run directory exists.
 RUN_CASES = {
@@ -394,6 +479,7 @@ RUN_CASES = {
     "sparsify-after-ptq",
     "prune-hidden-larger-than-the-model",
     "prune-after-ptq",
+    "speculative-head-after-ptq",
 }
 
 

@@ -41,6 +41,9 @@ class Release:
     #: Container image of this version (a tag: pin it by digest for reproducible runs).
     image: str
     source: str
+    #: Serves a separate draft model with the same tokenizer (draft/target speculative
+    #: decoding: TensorRT-LLM ``DraftTarget``, vLLM ``draft_model``).
+    draft_target: bool = False
 
 
 #: ModelOpt's ``quant_algo`` strings in ``hf_quant_config.json`` per simple format name of
@@ -73,6 +76,14 @@ _TRTLLM_ALGOS = {
     )
 }
 
+_VLLM_016_ALGOS = {
+    "FP8": "modelopt",
+    "FP8_PER_CHANNEL_PER_TOKEN": "modelopt",
+    "FP8_PB_WO": "modelopt",
+    "NVFP4": "modelopt_fp4",
+    "MXFP8": "modelopt_mxfp8",
+}
+
 RELEASES: tuple[Release, ...] = (
     # TensorRT-LLM, PyTorch backend (the default from 1.0; the only one after 1.3.0rc20).
     # tensorrt_llm/_torch/modules/linear.py get_quant_method (read on main, 2026-12): FP8 QDQ,
@@ -101,7 +112,9 @@ RELEASES: tuple[Release, ...] = (
         eagle3=True,
         image="nvcr.io/nvidia/tensorrt-llm/release:1.3.0rc27",
         source="nvidia.github.io/TensorRT-LLM/1.3.0rc27/features/quantization.html (FP8 and "
-        "NVFP4 KV cache); linear.py get_quant_method (main 2026-12)",
+        "NVFP4 KV cache); linear.py get_quant_method (main 2026-12); features/"
+        "speculative-decoding (DraftTargetDecodingConfig; assumed from 1.3, unverified before)",
+        draft_target=True,
     ),
     # vLLM: `--quantization modelopt` (ModelOptFp8Config, static per-tensor FP8) since 0.6.
     Release(
@@ -142,13 +155,7 @@ RELEASES: tuple[Release, ...] = (
     Release(
         "vllm",
         "0.16",
-        {
-            "FP8": "modelopt",
-            "FP8_PER_CHANNEL_PER_TOKEN": "modelopt",
-            "FP8_PB_WO": "modelopt",
-            "NVFP4": "modelopt_fp4",
-            "MXFP8": "modelopt_mxfp8",
-        },
+        _VLLM_016_ALGOS,
         {"FP8": "fp8"},
         eagle3=True,
         image="vllm/vllm-openai:v0.16.0",
@@ -156,6 +163,17 @@ RELEASES: tuple[Release, ...] = (
         # release with them was verified, so they are not listed (refused) here.
         source="docs.vllm.ai v0.16.0 API: QUANT_ALGOS + 'MXFP8' ('modelopt_mxfp8'), KV "
         "['FP8']; no W4A16_AWQ / W4A8_AWQ / W8A8_SQ in any vLLM ModelOpt config",
+    ),
+    Release(
+        "vllm",
+        "0.25",
+        _VLLM_016_ALGOS,
+        {"FP8": "fp8"},
+        eagle3=True,
+        image="vllm/vllm-openai:v0.25.0",
+        source="docs.vllm.ai v0.25.0 features/speculative_decoding/draft_model (speculative_config "
+        "method 'draft_model'); the quantization facts are 0.16's, not re-checked",
+        draft_target=True,
     ),
     # SGLang: modelopt_quant.py ModelOptFp8Config requires an FP8 quant_algo (static per-tensor
     # linear method), ModelOptFp4Config is 'modelopt_fp4'; KV FP8 scales are loaded
@@ -174,7 +192,8 @@ RELEASES: tuple[Release, ...] = (
     ),
 )
 
-#: The version a target gets when the recipe names none (the newest listed release).
+#: The version a target gets when the recipe names none: the newest listed release whose facts
+#: were all checked (vLLM 0.25's row adds only its draft_model method to 0.16's facts).
 DEFAULT_VERSIONS: Mapping[str, str] = {"trtllm": "1.3", "vllm": "0.16", "sglang": "0.5"}
 
 #: The executable each runtime is started with (launcher: local), and what it runs.
@@ -302,14 +321,27 @@ def load_problems(
             f"{where} has no {kv_cache_algo} KV cache for ModelOpt checkpoints ({hint}; it "
             f"has {', '.join(sorted(rel.kv_cache))})"
         )
-    if draft and not rel.eagle3:
-        newer = [r.since for r in releases(runtime) if r.eagle3]
-        hint = f"from {newer[0]} on" if newer else "in no version in this table"
+    if draft == "medusa":
         problems.append(
-            f"{where} cannot serve the {draft} draft head (EAGLE-3 speculative decoding is "
-            f"supported {hint})"
+            f"{where} is not given Medusa heads here: they deploy as a TensorRT-LLM <= 1.2 "
+            "engine (a `build` stage after the speculative stage)"
         )
+    elif draft:
+        serves = {"eagle3": "eagle3", "draft_target": "draft_target"}[draft]
+        if not getattr(rel, serves):
+            newer = [r.since for r in releases(runtime) if getattr(r, serves)]
+            hint = f"from {newer[0]} on" if newer else "in no version in this table"
+            what = DRAFT_NAMES[draft]
+            problems.append(f"{where} cannot serve the {draft} draft ({what} is supported {hint})")
     return problems
+
+
+#: How messages name the draft kinds.
+DRAFT_NAMES: Mapping[str, str] = {
+    "eagle3": "EAGLE-3 speculative decoding",
+    "draft_target": "draft/target speculative decoding with a separate draft model",
+    "medusa": "Medusa",
+}
 
 
 def quantization_flag(runtime: str, version: str, quant_algo: str | None) -> str | None:

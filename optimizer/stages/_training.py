@@ -26,34 +26,8 @@ class TrainingStage(Stage, TrainingConfig, DistillationLoss):
 
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
         plan, problems = super().plan(prev, env)
-        msg = self.data.problem(env.base_dir)
-        if msg:
-            problems.append(("data.dataset", msg))
-        if self.fsdp and env.gpu is False:
-            problems.append(
-                (
-                    "fsdp",
-                    "fsdp: true needs a CUDA GPU per process (accelerate runs CPU processes as plain DDP); "
-                    "set fsdp: false, or validate for a GPU machine with --device gpu",
-                )
-            )
-        if self.fsdp and prev.sparsity:
-            problems.append(
-                (
-                    "fsdp",
-                    f"the model is {prev.sparsity} sparse: training it with fsdp: true cannot "
-                    "keep its zeros yet; set fsdp: false",
-                )
-            )
+        problems += training_problems(self, prev, env)
         dims = prev.dims
-        limit = dims.max_position_embeddings if dims and not dims.rope_scaling else None
-        if limit and self.seq_len > limit:
-            problems.append(
-                (
-                    "seq_len",
-                    f"seq_len {self.seq_len} exceeds the model's max_position_embeddings ({limit})",
-                )
-            )
         if dims is not None and dims.num_hidden_layers is not None:
             for i, pair in enumerate(self.layer_losses):
                 layer = _layer_index(pair.student)
@@ -144,6 +118,43 @@ class TrainingStage(Stage, TrainingConfig, DistillationLoss):
         out = ctx.new_output("training")
         write_training_report(out, self.name, metrics)
         return StageResult(outputs={"training": out}, metrics=metrics)
+
+
+def training_problems(
+    config: TrainingConfig, prev: ModelPlan, env: Environment
+) -> list[StageProblem]:
+    """What any stage that trains (``qat``, ``distill``, ``speculative``) checks: its data,
+    FSDP on this machine and model, the window length."""
+    problems: list[StageProblem] = []
+    msg = config.data.problem(env.base_dir)
+    if msg:
+        problems.append(("data.dataset", msg))
+    if config.fsdp and env.gpu is False:
+        problems.append(
+            (
+                "fsdp",
+                "fsdp: true needs a CUDA GPU per process (accelerate runs CPU processes as plain "
+                "DDP); set fsdp: false, or validate for a GPU machine with --device gpu",
+            )
+        )
+    if config.fsdp and prev.sparsity:
+        problems.append(
+            (
+                "fsdp",
+                f"the model is {prev.sparsity} sparse: training it with fsdp: true cannot "
+                "keep its zeros yet; set fsdp: false",
+            )
+        )
+    dims = prev.dims
+    limit = dims.max_position_embeddings if dims and not dims.rope_scaling else None
+    if limit and config.seq_len > limit:
+        problems.append(
+            (
+                "seq_len",
+                f"seq_len {config.seq_len} exceeds the model's max_position_embeddings ({limit})",
+            )
+        )
+    return problems
 
 
 def _layer_index(module: str) -> int | None:

@@ -114,6 +114,15 @@ class Build(Stage):
             use_paged_context_fmha=self.use_paged_context_fmha,
             use_fp8_context_fmha=self.use_fp8_context_fmha,
         )
+        if prev.draft in ("eagle3", "draft_target"):
+            problems.append(
+                (
+                    "",
+                    f"the {prev.draft} draft is not built into TensorRT-LLM <= 1.2 engines here "
+                    "(their eagle mode is EAGLE-1/2; a draft model is an engine of its own): "
+                    "serve it with a `deploy` stage (TensorRT-LLM >= 1.3, vLLM, SGLang)",
+                )
+            )
         if self.weight_sparsity and prev.sparsity != "2:4":
             problems.append(("weight_sparsity", "no earlier stage makes the model 2:4 sparse"))
         maxpos = prev.dims.max_position_embeddings if prev.dims else None
@@ -151,7 +160,12 @@ class Build(Stage):
         return plan is not None and plan.sparsity == "2:4"
 
     def build_argv(
-        self, checkpoint: Path, output: Path, world_size: int, sparse: bool = False
+        self,
+        checkpoint: Path,
+        output: Path,
+        world_size: int,
+        sparse: bool = False,
+        medusa_draft_len: int | None = None,
     ) -> list[str]:
         argv = [
             self.trtllm_build,
@@ -182,7 +196,21 @@ class Build(Stage):
             argv += ["--use_fp8_context_fmha", "enable"]
         if sparse:
             argv.append("--weight_sparsity")
+        if medusa_draft_len:
+            argv += [
+                "--speculative_decoding_mode",
+                "medusa",
+                "--max_draft_len",
+                str(medusa_draft_len),
+            ]
         return argv + list(self.extra_args)
+
+    @staticmethod
+    def medusa_draft_len(plan: ModelPlan | None) -> int | None:
+        """With Medusa heads (the speculative stage wrote the checkpoint): their draft_len."""
+        if plan is None or plan.draft != "medusa":
+            return None
+        return plan.draft_len
 
     def command(self, argv: list[str], run_dir: Path) -> list[str]:
         from optimizer.launchers import wrap
@@ -200,6 +228,7 @@ class Build(Stage):
             run_dir / ".tmp-NN-engine",
             world_size,
             self.sparse_weights(plan),
+            self.medusa_draft_len(plan),
         )
         return shlex.join(self.command(argv, run_dir))
 
@@ -230,7 +259,8 @@ class Build(Stage):
         ctx.log.info("TensorRT-LLM %s via %s", version or "(version unknown)", self.launcher)
         engine = ctx.new_output("engine")
         sparse = self.sparse_weights(ctx.plan)
-        cmd = self.command(self.build_argv(checkpoint, engine, world, sparse), run_dir)
+        medusa = self.medusa_draft_len(ctx.plan)
+        cmd = self.command(self.build_argv(checkpoint, engine, world, sparse, medusa), run_dir)
         ctx.log.info("build command: %s", shlex.join(cmd))
         run_logged(cmd, run_dir / "logs" / "trtllm-build.log", self.timeout_s, "trtllm-build")
         self._verify(engine, world)
@@ -246,6 +276,7 @@ class Build(Stage):
                 "tensorrt_llm_version": version,
                 "world_size": world,
                 "weight_sparsity": sparse,
+                **({"medusa_max_draft_len": medusa} if medusa else {}),
                 "engine_bytes": sum(f.stat().st_size for f in engine.glob("rank*.engine")),
             },
         )

@@ -144,9 +144,16 @@ class Deploy(Stage):
     tp: int = Field(1, ge=1, description="tensor-parallel GPUs")
     host: str = "0.0.0.0"
     port: int = Field(8000, gt=0, lt=65536)
-    max_draft_len: int = Field(3, ge=1, description="draft tokens per step (with a draft head)")
+    max_draft_len: int | None = Field(
+        None,
+        ge=1,
+        description="draft tokens per step with a draft (default: the speculative stage's "
+        "draft_len, else 3)",
+    )
     draft_dir: str | None = Field(
-        None, description="the EAGLE-3 draft head directory (default: the run's draft/)"
+        None,
+        description="the draft directory: an EAGLE-3 head or a draft model (default: the "
+        "run's draft/)",
     )
     smoke_test: bool = Field(
         False, description="start each server, wait for /health, send one completion, stop it"
@@ -279,6 +286,7 @@ class Deploy(Stage):
         options: Path,
         checkpoint_algos: tuple[str | None, str | None],
         draft: Path | None,
+        draft_kind: str = "eagle3",
     ) -> list[str]:
         """The server command line for ``target`` (``options``: TensorRT-LLM's YAML)."""
         algo, kv = checkpoint_algos
@@ -329,9 +337,9 @@ class Deploy(Stage):
                 argv.append("--enforce-eager")
             if draft is not None:
                 spec = {
-                    "method": "eagle3",
+                    "method": "eagle3" if draft_kind == "eagle3" else "draft_model",
                     "model": str(draft),
-                    "num_speculative_tokens": self.max_draft_len,
+                    "num_speculative_tokens": self.draft_tokens,
                 }
                 argv += ["--speculative-config", json.dumps(spec, separators=(",", ":"))]
         else:
@@ -367,19 +375,26 @@ class Deploy(Stage):
             if draft is not None:
                 argv += [
                     "--speculative-algorithm",
-                    "EAGLE3",
+                    "EAGLE3" if draft_kind == "eagle3" else "STANDALONE",
                     "--speculative-draft-model-path",
                     str(draft),
                     "--speculative-num-steps",
-                    str(self.max_draft_len),
+                    str(self.draft_tokens),
                     "--speculative-eagle-topk",
                     "1",
                     "--speculative-num-draft-tokens",
-                    str(self.max_draft_len + 1),
+                    str(self.draft_tokens + 1),
                 ]
         return argv + list(target.extra_args)
 
-    def trtllm_options(self, kv: str | None, version: str, draft: Path | None) -> dict:
+    @property
+    def draft_tokens(self) -> int:
+        """max_draft_len as set, else 3 (run() and preview() fill it from the plan first)."""
+        return self.max_draft_len or 3
+
+    def trtllm_options(
+        self, kv: str | None, version: str, draft: Path | None, draft_kind: str = "eagle3"
+    ) -> dict:
         """TensorRT-LLM's extra_llm_api_options (LLM API arguments) for the PyTorch backend."""
         kv_config: dict[str, Any] = {
             "enable_block_reuse": True,
@@ -402,8 +417,8 @@ class Deploy(Stage):
         }
         if draft is not None:
             options["speculative_config"] = {
-                "decoding_type": "Eagle3",
-                "max_draft_len": self.max_draft_len,
+                "decoding_type": "Eagle3" if draft_kind == "eagle3" else "DraftTarget",
+                "max_draft_len": self.draft_tokens,
                 "speculative_model_dir": str(draft),
             }
         return options
@@ -433,7 +448,12 @@ class Deploy(Stage):
         kv = plan.quantization.trtllm_kv_algo if plan.quantization else None
         draft = self._draft_path(run_dir) if plan.draft else None
         maxpos = plan.dims.max_position_embeddings if plan.dims else None
-        stage = self.model_copy(update={"max_seq_len": self.max_seq_len or maxpos})
+        stage = self.model_copy(
+            update={
+                "max_seq_len": self.max_seq_len or maxpos,
+                "max_draft_len": self.max_draft_len or plan.draft_len,
+            }
+        )
         lines = []
         for t in self.targets:
             argv = stage.server_argv(
@@ -442,6 +462,7 @@ class Deploy(Stage):
                 run_dir / "deploy" / t.runtime / OPTIONS_FILE,
                 (algo, kv),
                 draft,
+                plan.draft or "eagle3",
             )
             lines.append(shlex.join(argv))
         return "\n# ".join(lines)
@@ -461,9 +482,7 @@ class Deploy(Stage):
         plan = ctx.plan or ModelPlan()
         draft = self._draft_path(run_dir) if plan.draft else None
         if draft is not None and not (draft / "config.json").is_file():
-            raise StageError(
-                f"the plan has a {plan.draft} draft head, but {draft} holds no config.json"
-            )
+            raise StageError(f"the plan has a {plan.draft} draft, but {draft} holds no config.json")
         # The file that ships is the truth: check it against the same table as validation.
         problems = {
             t.runtime: facts.load_problems(
@@ -482,7 +501,13 @@ class Deploy(Stage):
             raise StageError(
                 "the checkpoint's config.json has no max_position_embeddings: set max_seq_len"
             )
-        stage = self.model_copy(update={"max_seq_len": max_seq_len})
+        stage = self.model_copy(
+            update={
+                "max_seq_len": max_seq_len,
+                "max_draft_len": self.max_draft_len or plan.draft_len,
+            }
+        )
+        kind = plan.draft or "eagle3"
         planned, _ = planned_algos(plan)
         if planned and planned != algo:
             ctx.log.warning(
@@ -511,13 +536,20 @@ class Deploy(Stage):
         for t in self.targets:
             summary["targets"].append(
                 stage._write_target(
-                    t, out / t.runtime, final / t.runtime, checkpoint, (algo, kv), draft, run_dir
+                    t,
+                    out / t.runtime,
+                    final / t.runtime,
+                    checkpoint,
+                    (algo, kv),
+                    draft,
+                    run_dir,
+                    kind,
                 )
             )
         if self.smoke_test:
             for t, entry in zip(self.targets, summary["targets"], strict=True):
                 argv = stage.server_argv(
-                    t, checkpoint, out / t.runtime / OPTIONS_FILE, (algo, kv), draft
+                    t, checkpoint, out / t.runtime / OPTIONS_FILE, (algo, kv), draft, kind
                 )
                 entry["smoke_test"] = stage._smoke_test(t, argv, run_dir)
         (out / "deploy.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -549,6 +581,7 @@ class Deploy(Stage):
         algos: tuple[str | None, str | None],
         draft: Path | None,
         run_dir: Path,
+        draft_kind: str = "eagle3",
     ) -> dict[str, Any]:
         """serve.sh (+ extra_llm_api_options.yaml for TensorRT-LLM) into ``out``; paths in them
         are where the files will be once committed (``final``)."""
@@ -558,10 +591,10 @@ class Deploy(Stage):
         version = target.resolved_version
         files = ["serve.sh"]
         if target.runtime == "trtllm":
-            options = self.trtllm_options(algos[1], version, draft)
+            options = self.trtllm_options(algos[1], version, draft, draft_kind)
             (out / OPTIONS_FILE).write_text(yaml.safe_dump(options, sort_keys=False))
             files.append(OPTIONS_FILE)
-        argv = self.server_argv(target, checkpoint, final / OPTIONS_FILE, algos, draft)
+        argv = self.server_argv(target, checkpoint, final / OPTIONS_FILE, algos, draft, draft_kind)
         rel = facts.release(target.runtime, version)
         assert rel is not None
         lines = [

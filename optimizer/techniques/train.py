@@ -8,6 +8,7 @@ Which trainer runs follows from the inputs, not from a flag:
 | yes | none | ``QATTrainer`` | cross-entropy with fake-quant in the loop (QAT) |
 | yes | a model | ``QADTrainer`` | logit distillation from the teacher (QAD) |
 | no | a model | ``KDTrainer`` | logit distillation (after pruning, sparsity, or alone) |
+| a draft head (``techniques.speculative``) | none | ``ModelOptHFTrainer`` | ModelOpt's EAGLE-3 / Medusa loss; the draft head alone trains |
 
 ModelOpt's trainers bring mixed precision, gradient checkpointing, DDP and FSDP2 from
 transformers/accelerate, and save ModelOpt state with every checkpoint. Its KD loss is logit
@@ -147,12 +148,20 @@ def train(
     from modelopt.torch.quantization.utils import is_quantized
     from transformers import TrainingArguments
 
+    from optimizer.techniques import speculative
+
     distillation = distillation or DistillationLoss()
     quantized = is_quantized(model)
-    if teacher is None and not quantized:
+    # A model with a draft head trains that head alone (the base is frozen at conversion).
+    draft = speculative.draft_head_method(model)
+    if draft is not None and teacher is not None:
+        raise OptimizerError(f"a {draft} draft head trains on the base's own outputs: no teacher")
+    if teacher is None and not quantized and draft is None:
         raise OptimizerError(
-            "nothing to train towards: the model is not quantized (QAT) and there is no teacher"
+            "nothing to train towards: the model is not quantized (QAT), has no draft head "
+            "and there is no teacher"
         )
+    splits = speculative.training_splits(model, splits)
     _check_frozen(model, config.frozen)
     if teacher is not None:
         _check_layers(model, teacher, distillation.layer_losses)
@@ -200,13 +209,20 @@ def train(
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
     )
+    if draft is not None:
+        # The draft models' outputs (caches, per-step accuracies, lists of head logits) are
+        # not logits the Trainer could gather; evaluation needs the loss only.
+        args.prediction_loss_only = True
 
     restore_dtypes = _float32_master_weights(model)
     # A 2:4-sparse model (after sparsify) keeps its zeros: they are its masks.
     keep_zeros, unhook = _keep_zeros(model, fsdp=config.fsdp)
     if teacher is not None and not cuda:
         teacher.float()  # CPU autocast is off: both compute in float32
-    trainer_cls = _trainer_class(quantized=quantized, teacher=teacher is not None)
+    if draft is not None:
+        from modelopt.torch.opt.plugins.transformers import ModelOptHFTrainer as trainer_cls
+    else:
+        trainer_cls = _trainer_class(quantized=quantized, teacher=teacher is not None)
     kwargs: dict[str, Any] = {
         "model": model,
         "args": args,
@@ -224,9 +240,10 @@ def train(
             "temperature": distillation.temperature,
         }
     trainer = trainer_cls(**kwargs)
-    if teacher is not None:
-        # ModelOpt's KD loss is a per-micro-batch mean that ignores num_items_in_batch; with
-        # this False the Trainer divides it by the accumulation steps as it must.
+    if teacher is not None or draft is not None:
+        # ModelOpt's KD and draft losses are per-micro-batch means that ignore
+        # num_items_in_batch; with this False the Trainer divides them by the accumulation
+        # steps as it must (and passes no num_items_in_batch into the model's forward).
         trainer.model_accepts_loss_kwargs = False
     _quiet_metric_dicts(trainer)
     if teacher is not None:
@@ -251,6 +268,8 @@ def train(
         trainer.train(resume_from_checkpoint=last)
         seconds = time.time() - t0
         after = _evaluate(trainer)
+        if draft is not None:
+            draft_summary = speculative.draft_metrics(model, splits.heldout, config.batch_size)
     restore_dtypes(model)
     sparse_layers = unhook()
     gathered = _save_gathered(trainer, output_dir / GATHERED_DIR) if config.fsdp else None
@@ -280,6 +299,7 @@ def train(
         ],
         "data": splits.summary(),
         **({"sparse_layers": sparse_layers} if sparse_layers else {}),
+        **({"draft_head": draft_summary} if draft is not None else {}),
         # FSDP2: the live model is sharded; the trained model is this checkpoint instead.
         **({"gathered_checkpoint": gathered} if gathered else {}),
     }

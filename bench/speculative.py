@@ -1,0 +1,141 @@
+"""Speculative-decoding drafts for the builtin SmolLM2-135M-Instruct: acceptance and speed-up.
+
+Every cell is a real `optimize run` of a one-stage recipe (`speculative`), so the numbers are
+the stage's own (run.json): mean acceptance length, acceptance rate per draft position, the
+PyTorch wall-clock speed-up of greedy speculative decoding against plain greedy (both with a
+KV cache, batch 1), and the training time.
+
+  eagle3 / medusa  trained heads, --steps (a curve: pick the steps that take ~2, 5, 10 minutes
+                   on the machine; the table reports the measured training seconds), at draft
+                   lengths --draft-lens (each length is its own run: the stage measures one)
+  draft_target     --draft-model (e.g. bench/compress.py's pruned + distilled depth model:
+                   W/depth/run/stages/01-distill/model), no training
+
+  python bench/speculative.py --methods eagle3 medusa --steps 300 800 1600 --out DIR   # GPU
+  python bench/speculative.py --methods draft_target --draft-model PATH --out DIR
+  python bench/speculative.py --table DIR > bench/results/speculative-gpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+MODEL = {"source": "builtin:smollm2-135m-instruct", "dtype": "bfloat16"}
+HEAD = {
+    "data": {"dataset": "chitchat-en"},
+    "generate": {"max_new_tokens": 256, "batch_size": 64},
+    "learning_rate": 1.0e-3,
+    "batch_size": 16,
+    "seq_len": 512,
+}
+
+
+def recipe(method: str, steps: int | None, draft_len: int, args) -> dict:
+    stage: dict = {
+        "method": method,
+        "draft_len": draft_len,
+        "acceptance": {"num_prompts": args.prompts, "max_new_tokens": args.new_tokens},
+    }
+    if method == "draft_target":
+        stage["draft_model"] = str(Path(args.draft_model).resolve())
+    else:
+        stage |= HEAD | {"steps": steps}
+        if args.generate_prompts:
+            stage["generate"] = {**HEAD["generate"], "num_prompts": args.generate_prompts}
+    return {"name": "bench-speculative", "model": MODEL, "stages": [{"speculative": stage}]}
+
+
+def run_cell(method: str, steps: int | None, draft_len: int, args) -> dict:
+    label = f"{method}-{steps or 0}-k{draft_len}"
+    work = Path(args.work) / label
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(method, steps, draft_len, args), sort_keys=False))
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "optimizer", "run", str(path), "-o", str(work / "run"), "-q"]
+    if (work / "run" / "run.json").exists():
+        cmd.append("--resume")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode not in (0, 3):
+        raise SystemExit(f"{label} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    rec = json.loads((work / "run" / "run.json").read_text())
+    metrics = rec["stages"][0]["metrics"]
+    training = metrics.get("training") or {}
+    return {
+        "method": method,
+        "steps": steps,
+        "draft_len": draft_len,
+        "acceptance": metrics["acceptance"],
+        "train_seconds": training.get("train_seconds"),
+        "tokens": training.get("tokens"),
+        "wall_seconds": round(time.time() - t0, 1),
+        "recipe": path.read_text(),
+        "device": rec.get("device"),
+        "versions": rec.get("versions"),
+    }
+
+
+def table(dirs: list[Path]) -> str:
+    cells = [json.loads(f.read_text()) for d in dirs for f in sorted(d.glob("*.json"))]
+    head = (
+        "| method | steps | train s | draft len | mean acceptance length | by position | speed-up |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for c in sorted(cells, key=lambda c: (c["method"], c["steps"] or 0, c["draft_len"])):
+        a = c["acceptance"]
+        lines.append(
+            f"| {c['method']} | {c['steps'] or ''} | {c['train_seconds'] or ''} | "
+            f"{c['draft_len']} | {a['mean_acceptance_length']:.3f} | "
+            f"{', '.join(f'{r:.2f}' for r in a['acceptance_rate_by_position'])} | "
+            f"{a['speedup'] or '':} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--methods", nargs="*", default=["eagle3", "medusa"])
+    ap.add_argument("--steps", nargs="*", type=int, default=[300, 800, 1600])
+    ap.add_argument("--draft-lens", nargs="*", type=int, default=[3, 5])
+    ap.add_argument("--draft-model", help="draft_target: the draft (a model directory)")
+    ap.add_argument("--prompts", type=int, default=32, help="held-out prompts measured")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--generate-prompts", type=int, help="prompts answered for training data")
+    ap.add_argument("--out", default="bench-speculative")
+    ap.add_argument("--work", default="/tmp/bench-speculative")
+    ap.add_argument("--table", nargs="*", type=Path)
+    args = ap.parse_args()
+    if args.table:
+        print(table(args.table), end="")
+        return 0
+    if "draft_target" in args.methods and not args.draft_model:
+        ap.error("draft_target needs --draft-model")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for method in args.methods:
+        for steps in [None] if method == "draft_target" else args.steps:
+            for k in args.draft_lens:
+                cell = run_cell(method, steps, k, args)
+                name = f"{method}-{steps or 0}-k{k}.json"
+                (out / name).write_text(json.dumps(cell, indent=1) + "\n")
+                a = cell["acceptance"]
+                print(
+                    f"{method:12s} steps {steps or '-':>5} k {k}: acceptance length "
+                    f"{a['mean_acceptance_length']:.3f}, speed-up {a['speedup']}, "
+                    f"train {cell['train_seconds']} s",
+                    flush=True,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
