@@ -252,7 +252,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from optimizer.recipe import load_recipe
+    from optimizer.rundir import check_output_dir
 
+    if args.output is not None and not args.dry_run:
+        check_output_dir(args.output)  # a file, under a file, not writable: exit 2 at once
     recipe = load_recipe(args.recipe, args.overrides)
     from optimizer.pipeline import default_run_dir, run_recipe
 
@@ -392,8 +395,28 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from optimizer.evaluation import regenerate
+    from optimizer.rundir import RunDirectory
 
-    print(f"wrote {regenerate(args.run_dir)}")
+    # run.json is validated (RunRecord) before anything in it is trusted.
+    run = RunDirectory(args.run_dir, rank=0)
+    if not run.path.is_dir():
+        raise OptimizerError(f"{args.run_dir} is not a run directory")
+    record = run.read(require_version=False)
+    if record is None:
+        raise OptimizerError(f"{args.run_dir} has no run.json; is it a run directory?")
+    outside = run.outside(record, relative_ok=True)
+    if outside:
+        raise OptimizerError(
+            f"{run.run_json} records outputs outside the run directory ({', '.join(outside[:3])}); "
+            "refusing to read or write there"
+        )
+    if record.status == "running" and not run.lock_held():
+        print(
+            f"{args.run_dir}: status: interrupted (stale: run.json says running, but no process "
+            "holds its lock; it was killed); rerun with --resume to continue",
+            file=sys.stderr,
+        )
+    print(f"wrote {regenerate(run.path)}")
     return EXIT_OK
 
 
@@ -427,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
+        # SIGTERM (console.Terminated) is 143, Ctrl-C 130.
         print(f"{e or 'interrupted'}; rerun with --resume to continue", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return getattr(e, "exit_code", EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from optimizer.errors import EXIT_TERMINATED
+
 #: Warnings ModelOpt/transformers emit on every run that say nothing actionable to our users
 #: (lm_head is excluded on purpose; TensorRT-LLM is an external tool, not a Python import).
 #: They still go to logs/run.log.
@@ -40,8 +42,17 @@ class _ConsoleFilter(logging.Filter):
         return not any(noise in message for noise in BENIGN_WARNINGS)
 
 
+#: The exit code of a run stopped by SIGTERM (128 + 15, what a shell reports); SIGINT: 130.
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: handled everywhere as Ctrl-C is (a KeyboardInterrupt), exit code 143."""
+
+    exit_code = EXIT_TERMINATED
+
+
 def _on_sigterm(signum, frame) -> None:
-    raise KeyboardInterrupt(
+    raise Terminated(
         "terminated (SIGTERM: the job was stopped or preempted, or under torchrun another rank "
         "failed; see logs/run.rankN.log)"
     )
@@ -50,7 +61,7 @@ def _on_sigterm(signum, frame) -> None:
 def _terminate_like_ctrl_c() -> None:
     """SIGTERM (a scheduler stopping or preempting the job; torchrun stopping the other ranks
     when one fails) ends the run as Ctrl-C does: run.json says ``interrupted`` and why, the
-    exit code is 130, and ``--resume`` continues. Without this the process dies mid-write
+    exit code is 143 (Ctrl-C: 130), and ``--resume`` continues. Without this the process dies mid-write
     and run.json keeps saying ``running``."""
     import signal
     import threading
@@ -114,7 +125,10 @@ class _StdoutToLog(io.TextIOBase):
 def capture_run_log(path: Path):
     """For ``Runner(capture=...)``: every library's log records and whatever is printed go
     to ``path`` while the run lasts, so a job's stdout holds only the final JSON line."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+    from optimizer.rundir import open_log
+
+    stream = open_log(path)  # never through a symbolic link
+    handler = logging.StreamHandler(stream)
     handler.setLevel(logging.DEBUG)
     handler.addFilter(_FileLogFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
@@ -126,3 +140,4 @@ def capture_run_log(path: Path):
     finally:
         root.removeHandler(handler)
         handler.close()
+        stream.close()

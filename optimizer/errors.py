@@ -13,6 +13,8 @@ EXIT_STAGE_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
 EXIT_INTERRUPTED = 130
+#: SIGTERM (128 + 15), what schedulers send; otherwise handled as an interrupt.
+EXIT_TERMINATED = 143
 
 
 class OptimizerError(Exception):

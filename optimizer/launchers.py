@@ -7,6 +7,7 @@ is a class and a registry entry); :func:`wrap` and :func:`preflight` dispatch by
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,9 +15,41 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from optimizer.errors import StageError
+from optimizer.errors import OptimizerError, StageError
 from optimizer.registry import Registry
 from optimizer.trtllm.facts import ENGINE_VERSION_MAX
+
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]+)?"
+#: A container image reference as docker parses it (distribution/reference's grammar):
+#: ``[registry[:port]/]name[/name...][:tag][@algorithm:digest]``. Nothing that starts with
+#: ``-`` matches, so an image value can never land among ``docker run``'s options.
+IMAGE_REFERENCE = re.compile(
+    rf"(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*"
+    r"(?::[\w][\w.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+
+
+def image_problem(image: object) -> str | None:
+    """Why ``image`` is not a container image reference (registry/name:tag@sha256:digest),
+    or None."""
+    if not isinstance(image, str) or not image:
+        return "the image must be a container image reference, e.g. nvcr.io/nvidia/tensorrt-llm/release:1.2.0"
+    if image.startswith("-"):
+        return (
+            f"image {image!r} starts with '-' and would be read as a docker run option; "
+            "give an image reference, e.g. nvcr.io/nvidia/tensorrt-llm/release:1.2.0"
+        )
+    name = image.split("@", 1)[0]
+    if len(name) > 255 or IMAGE_REFERENCE.fullmatch(image) is None:
+        return (
+            f"image {image!r} is not a container image reference "
+            "([registry/]name[:tag][@sha256:digest], lowercase name, e.g. "
+            "nvcr.io/nvidia/tensorrt-llm/release:1.2.0)"
+        )
+    return None
 
 
 class Launcher:
@@ -70,6 +103,9 @@ class DockerLauncher(Launcher):
             "--ulimit",
             "stack=67108864",
         ]
+        problem = image_problem(image)
+        if problem:
+            raise OptimizerError(problem)
         for m in mounts:  # same path inside and out, so every path in argv stays valid
             cmd += ["-v", f"{m}:{m}"]
         return [*cmd, "-w", str(mounts[0]), image, *argv]

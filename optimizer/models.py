@@ -107,8 +107,15 @@ def check_source(source: str, base_dir: Path) -> str | None:
         return None
     local = local_dir(source, base_dir)
     if local is not None:
-        if not (local / "config.json").is_file():
+        config = local / "config.json"
+        if not config.is_file():
             return f"{local} is not a Hugging Face checkpoint directory (no config.json)"
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            return f"{config} is not valid JSON ({e})"
+        if not isinstance(data, dict):
+            return f"{config} holds {type(data).__name__}, not a JSON object"
         return None
     if HUB_ID.match(source):  # org/name: resolved against the hub (or its cache) at run time
         return None
@@ -267,10 +274,13 @@ def _download_gguf(spec: BuiltinModel, gguf: Path) -> None:
 
 
 def _read_json(path: Path) -> dict | None:
+    """A JSON object from ``path``, or None when it is unreadable, not JSON or not an object
+    (check_source reports why; a best-effort peek treats it as unknown)."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from optimizer.errors import GateFailed, OptimizerError, StageError, StageFailed
 from optimizer.inputs import Input, digests
 from optimizer.recipe import Recipe
 from optimizer.run_record import Output, RunError, RunRecord, StageRecord, now
-from optimizer.rundir import RunDirectory, sha256_tree
+from optimizer.rundir import RunDirectory, open_log, sha256_tree
 from optimizer.stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,8 @@ def chain(fingerprint: str, entry: StageRecord) -> str:
 def log_to_file(path: Path):
     """The library default for ``capture``: this package's own log records into ``path``
     (its logger only; the root logger, stdout and other libraries are left alone)."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+    stream = open_log(path)  # never through a symbolic link
+    handler = logging.StreamHandler(stream)
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     logger = logging.getLogger("optimizer")
@@ -151,6 +152,7 @@ def log_to_file(path: Path):
         logger.removeHandler(handler)
         logger.setLevel(level)
         handler.close()
+        stream.close()
 
 
 class Runner:
@@ -173,26 +175,50 @@ class Runner:
         self.overrides = overrides or []
         self.capture = capture
         self.record = RunRecord(name=recipe.name)
+        #: The previous run said "running" but its process was gone (killed): interrupted.
+        self.stale_previous = False
 
     # ------------------------------------------------------------------ set-up
 
     def _prepare(self) -> RunRecord | None:
+        if self.dir.writer:
+            self.dir.check_files()  # no symbolic links where the run writes
         if self.force:
-            # A previous run is replaced even when its run.json is unreadable; a directory
-            # without run.json is not ours to delete.
-            if self.dir.run_json.exists():
+            # A previous run of ours is replaced even when its run.json is unreadable; a
+            # directory that is not ours (no marker, foreign files) is refused, nothing deleted.
+            if self.dir.run_json.exists() or self.dir.run_json.is_symlink():
                 self.dir.clear()
             previous = None
         else:
             previous = self.dir.read() if self.dir.writer else None
+        stale = False
+        if previous is not None and previous.status == "running" and self.dir.writer:
+            # We hold the lock now, so the process that wrote "running" is gone (killed).
+            stale = self.stale_previous = True
+            previous.status = "interrupted"
+            if self.resume:  # (without --resume the refusal below says it)
+                log.warning(
+                    "%s: the previous run was interrupted (stale: run.json said running, but "
+                    "no process holds its lock; it was killed); resuming it",
+                    self.dir.path,
+                )
+        if previous is not None and self.resume and self.dir.writer:
+            outside = self.dir.outside(previous)
+            if outside:
+                raise OptimizerError(
+                    f"{self.dir.run_json} records outputs outside the run directory "
+                    f"({', '.join(outside[:3])}); a resume never loads from there. Use --force "
+                    "to start over, or another -o"
+                )
         if launch.world_size() > 1:
             # Rank 0's view of the previous run is every rank's: rank 0 overwrites run.json
             # right after this, and ranks must skip and redo the same stages.
             launch.join_process_group()
             previous = launch.from_rank0(previous)
         if previous is not None and not self.resume:  # (every rank: they all stop)
+            status = f"{previous.status} (stale)" if stale else previous.status
             raise OptimizerError(
-                f"{self.dir.path} already holds a run (status: {previous.status}). Use "
+                f"{self.dir.path} already holds a run (status: {status}). Use "
                 "--resume to continue it (finished, unchanged stages are kept), --force to "
                 "start over (deletes it), or -o to choose another directory."
             )
@@ -228,6 +254,8 @@ class Runner:
         recipe = self.recipe
         versions = package_versions()
         log.info("run %s in %s%s", recipe.name, self.dir.path, " (resume)" if previous else "")
+        if self.stale_previous:
+            log.info("the previous run was interrupted (stale: killed while running); resuming it")
         self.record = RunRecord(
             name=recipe.name,
             recipe_file=self.recipe_file,

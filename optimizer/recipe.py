@@ -11,11 +11,19 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    model_validator,
+)
 
 from optimizer.errors import OptimizerError, Problem, RecipeError
 from optimizer.plan import Environment, ModelPlan
@@ -24,6 +32,22 @@ from optimizer.stages import STAGES
 from optimizer.stages.base import Stage
 
 KeyPath = tuple[str | int, ...]
+
+# Limits on what a recipe file may be. A recipe is a small hand-written config (the shipped
+# ones are ~1 KiB, ~100 values, ~6 levels deep); anything far beyond that is a mistake or a
+# hostile file, and is refused with one message before it can exhaust time or memory.
+#: Bytes of a recipe file.
+MAX_RECIPE_BYTES = 1 << 20
+#: Values (mapping keys, values and list items) of the recipe once YAML aliases are expanded.
+#: Aliases (``&name`` / ``*name``) stay allowed -- sharing a ``data:`` section between two
+#: stages is legitimate -- but a "billion laughs" file (aliases of aliases of lists of
+#: aliases) expands exponentially: it is measured on the composed node graph (linear in the
+#: file) and refused before anything walks the expansion.
+MAX_RECIPE_VALUES = 10_000
+#: Nesting depth of mappings and lists (deeper YAML cannot even be composed: RecursionError).
+MAX_RECIPE_DEPTH = 32
+#: Integers beyond this fit no setting (torch and numpy take int64 at most).
+MAX_INT = 2**63 - 1
 
 
 class Strict(BaseModel):
@@ -53,11 +77,27 @@ class CalibrationSpec(Strict):
     text_field: str = "text"
     subset: str | None = None
     split: str = "train"
-    num_samples: Annotated[int, Field(gt=0)] = 512
-    seq_len: Annotated[int, Field(gt=0)] = 512
-    batch_size: Annotated[int, Field(gt=0)] = 8
+    # Bounds far above any real calibration (hundreds to a few thousand samples), low enough
+    # that a typo such as `seq_len: 1e30` is refused before tokenizing for hours.
+    num_samples: Annotated[int, Field(gt=0, le=65_536)] = 512
+    seq_len: Annotated[int, Field(gt=0, le=1_048_576)] = 512  # 2**20 tokens
+    batch_size: Annotated[int, Field(gt=0, le=4_096)] = 8
     chat_template: bool = False
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0  # numpy's seed range
+
+    @model_validator(mode="after")
+    def _total_tokens(self):
+        total = self.num_samples * self.seq_len
+        if total > MAX_CALIBRATION_TOKENS:
+            raise ValueError(
+                f"num_samples x seq_len is {total:,} tokens; calibration holds them all in "
+                f"memory at once, at most {MAX_CALIBRATION_TOKENS:,} (2**27)"
+            )
+        return self
+
+
+#: Tokens of a calibration set (num_samples x seq_len): an int64 tensor of 1 GiB.
+MAX_CALIBRATION_TOKENS = 1 << 27
 
 
 class RecipeHeader(Strict):
@@ -145,13 +185,114 @@ def _index_lines(node: yaml.Node, path: KeyPath, smap: SourceMap, problems: list
             _index_lines(item, (*path, i), smap, problems)
 
 
-def load_yaml(text: str, file: str) -> tuple[Any, SourceMap, list[Problem]]:
-    smap = SourceMap(file)
+def _measure(node: yaml.Node, file: str) -> None:
+    """Refuse a composed YAML graph that is cyclic, nested more than MAX_RECIPE_DEPTH levels
+    or expands (through aliases) to more than MAX_RECIPE_VALUES values. Each node's expanded
+    size and height are memoized, so this is linear in the file however large the expansion,
+    and checking the depth before descending bounds the recursion."""
+    seen: dict[int, tuple[int, int]] = {}  # id(node): (expanded values, height)
+    on_path: set[int] = set()
+
+    def refuse(at: yaml.Node, message: str) -> None:
+        raise RecipeError([Problem(file, at.start_mark.line + 1, "", message)])
+
+    def too_deep(at: yaml.Node) -> None:
+        refuse(
+            at,
+            f"nested more than {MAX_RECIPE_DEPTH} levels deep (counting YAML aliases "
+            "expanded); a recipe is a small config of a few levels",
+        )
+
+    def walk(n: yaml.Node, depth: int) -> tuple[int, int]:
+        if id(n) in seen:
+            count, height = seen[id(n)]
+            if depth + height > MAX_RECIPE_DEPTH:
+                too_deep(n)
+            return count, height
+        if id(n) in on_path:
+            refuse(n, "a YAML alias refers to the mapping or list it is inside of (a cycle)")
+        if depth > MAX_RECIPE_DEPTH:
+            too_deep(n)
+        count, height = 1, 0
+        if isinstance(n, (yaml.MappingNode, yaml.SequenceNode)):
+            on_path.add(id(n))
+            children = (
+                [c for pair in n.value for c in pair]
+                if isinstance(n, yaml.MappingNode)
+                else n.value
+            )
+            for child in children:
+                c, h = walk(child, depth + 1)
+                count += c
+                height = max(height, h + 1)
+                if count > MAX_RECIPE_VALUES:
+                    refuse(
+                        n,
+                        f"holds more than {MAX_RECIPE_VALUES:,} values (YAML aliases *name of "
+                        "anchors &name expanded); a recipe is a small config, and nested "
+                        "aliases (a 'billion laughs' file) are refused",
+                    )
+            on_path.discard(id(n))
+        seen[id(n)] = (count, height)
+        return count, height
+
+    walk(node, 0)
+
+
+_OPEN = (
+    yaml.FlowSequenceStartToken,
+    yaml.FlowMappingStartToken,
+    yaml.BlockSequenceStartToken,
+    yaml.BlockMappingStartToken,
+)
+_CLOSE = (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken, yaml.BlockEndToken)
+
+
+def _check_nesting(text: str, file: str) -> None:
+    """Refuse deep nesting from the token stream, before the parser recurses into it: PyYAML
+    composes recursively (20k brackets: RecursionError) and its scanner does work per token
+    in proportion to the flow depth, so a deep file is slow long before it fails. Invalid
+    YAML is left to the parser to report."""
+    loader = yaml.SafeLoader(text)
+    depth = 0
     try:
+        while loader.check_token():
+            token = loader.get_token()
+            if isinstance(token, _OPEN):
+                depth += 1
+                if depth > MAX_RECIPE_DEPTH + 1:
+                    raise RecipeError(
+                        [
+                            Problem(
+                                file,
+                                token.start_mark.line + 1,
+                                "",
+                                f"nested more than {MAX_RECIPE_DEPTH} levels deep; a recipe "
+                                "is a small config of a few levels",
+                            )
+                        ]
+                    )
+            elif isinstance(token, _CLOSE):
+                depth -= 1
+    except yaml.YAMLError:
+        pass
+    finally:
+        loader.dispose()
+
+
+def compose_yaml(text: str, file: str) -> tuple[Any, yaml.Node | None]:
+    """Parse one YAML document safely: its data and its node graph (None when empty).
+    Anything wrong -- bad YAML, a hostile expansion, nesting that exhausts the parser --
+    is one RecipeError naming ``file``, never a traceback."""
+    try:
+        _check_nesting(text, file)
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
-            data = loader.construct_document(node) if node is not None else None
+            data = None
+            if node is not None:
+                _measure(node, file)
+                data = loader.construct_document(node)
         finally:
             loader.dispose()
     except yaml.YAMLError as e:
@@ -159,6 +300,28 @@ def load_yaml(text: str, file: str) -> tuple[Any, SourceMap, list[Problem]]:
         line = mark.line + 1 if mark else None
         reason = getattr(e, "problem", None) or str(e)
         raise RecipeError([Problem(file, line, "", f"not valid YAML: {reason}")]) from None
+    except RecursionError:
+        raise RecipeError(
+            [
+                Problem(
+                    file,
+                    None,
+                    "",
+                    f"nested too deeply to parse (more than {MAX_RECIPE_DEPTH} levels of "
+                    "mappings or lists); a recipe is a small config of a few levels",
+                )
+            ]
+        ) from None
+    except MemoryError:
+        raise RecipeError(
+            [Problem(file, None, "", "too large to load; a recipe is a small config")]
+        ) from None
+    return data, node
+
+
+def load_yaml(text: str, file: str) -> tuple[Any, SourceMap, list[Problem]]:
+    smap = SourceMap(file)
+    data, node = compose_yaml(text, file)
     problems: list[Problem] = []
     if node is not None:
         _index_lines(node, (), smap, problems)
@@ -185,9 +348,15 @@ def apply_override(data: dict, assignment: str, smap: SourceMap) -> None:
             f"--set {assignment!r}: the key must be a dotted path such as model.dtype"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        value = compose_yaml(raw, f"--set {assignment}")[0] if raw.strip() else ""
+    except RecipeError as e:
+        if not any(p.message.startswith("not valid YAML") for p in e.problems):
+            # a hostile value (an alias bomb, a cycle, deep nesting): refused like a file
+            raise OptimizerError(
+                f"--set {assignment[:80]!r}{'...' if len(assignment) > 80 else ''}: "
+                f"{e.problems[0].message}"
+            ) from None
+        value = raw  # not YAML: the text itself (`--set description=a: b`)
     node: Any = data
     path: list[str | int] = []
     for i, part in enumerate(parts):
@@ -268,6 +437,12 @@ def _clean_loc(loc: tuple) -> tuple:
     )
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a hostile value is not echoed whole."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _problems_from(
     error: ValidationError, model: type[BaseModel], prefix: KeyPath, smap: SourceMap
 ) -> list[Problem]:
@@ -292,11 +467,18 @@ def _problems_from(
                 msg += f" (allowed: {', '.join(allowed)})"
         elif err["type"] == "missing":
             msg = "required key is missing"
+        elif err["type"] == "invalid_key":
+            msg = f"keys are names (strings), not {_short(loc[-1] if loc else None)}"
+            loc = loc[:-1]
+        elif err["type"] == "int_parsing_size":
+            msg = "this number is far out of range for any setting"
+        elif err["type"] in ("model_type", "dict_type"):
+            msg = f"must be a mapping of keys to values, not {_short(err.get('input'))}"
         else:
             msg = err["msg"].removeprefix("Value error, ")  # a model validator's own words
             if err["type"] == "literal_error":
                 msg = msg.replace("Input should be", "must be one of:").replace("' or '", "', '")
-                msg += f", not {err['input']!r}" + did_you_mean(
+                msg += f", not {_short(err['input'])}" + did_you_mean(
                     err["input"],
                     [
                         s.strip("'")
@@ -359,11 +541,19 @@ def parse_recipe(data: Any, smap: SourceMap, base_dir: Path, device: str = "auto
             problems.append(smap.problem((*path, kind), "a stage's settings must be a mapping"))
             continue
         try:
-            stages.append(cls.model_validate(section or {}))
-            stage_paths.append((*path, kind))
+            stage = cls.model_validate(section or {})
         except ValidationError as e:
             problems += _problems_from(e, cls, (*path, kind), smap)
+            continue
+        found = _number_problems(stage, (*path, kind), smap)
+        if found:
+            problems += found
+            continue
+        stages.append(stage)
+        stage_paths.append((*path, kind))
 
+    if header is not None:
+        problems += _number_problems(header, (), smap)
     if header is not None and not problems:
         if not stages:
             problems.append(smap.problem(("stages",), "the recipe has no stages"))
@@ -379,10 +569,63 @@ def parse_recipe(data: Any, smap: SourceMap, base_dir: Path, device: str = "auto
                 )
                 problems.append(smap.problem(stage_paths[i] + rel_path, msg))
         recipe = recipe.model_copy(update={"plans": plans})
+        if not problems:
+            problems += _threshold_problems(recipe, stage_paths, smap)
         problems += _check_files(recipe, smap)
         if not problems:
             return recipe
     raise RecipeError(problems)
+
+
+def _number_problems(model: BaseModel, prefix: KeyPath, smap: SourceMap) -> list[Problem]:
+    """Every float a validated section holds must be finite and every int within int64.
+
+    Fields with bounds refuse NaN themselves (allow_inf_nan=False); this catches the rest --
+    any stage's unbounded float, a ``dict[str, float]`` (a gate's ``max_drop``), a string
+    such as ``"nan"`` that pydantic turned into a float -- so that no NaN or infinity reaches
+    a comparison (NaN compares false with everything) or a sum."""
+    problems: list[Problem] = []
+
+    def walk(value: Any, path: KeyPath) -> None:
+        if isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name), (*path, name))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, (*path, k))
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, (*path, i))
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(smap.problem(path, f"must be a finite number, not {value}"))
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            problems.append(smap.problem(path, "this number is out of range for any setting"))
+
+    walk(model, prefix)
+    return problems[:1]  # one per section: the first says it
+
+
+def _threshold_problems(
+    recipe: Recipe, stage_paths: list[KeyPath], smap: SourceMap
+) -> list[Problem]:
+    """A gate's ``max_drop`` overrides, checked against its suite: each key ``default`` or a
+    ``task/metric`` the suite measures (a typo would silently leave the default in force),
+    each value a finite drop in [0, 1]. (Belongs in Gate.plan, which loads the suite anyway;
+    done here while gate.py is out of reach.)"""
+    from optimizer.evaluation.suite import load_suite, override_problems
+
+    problems: list[Problem] = []
+    for stage, path in zip(recipe.stages, stage_paths, strict=True):
+        max_drop = getattr(stage, "max_drop", None)
+        if stage.name != "gate" or not max_drop:
+            continue
+        try:
+            suite = load_suite(stage.suite_path(recipe.base_dir))
+        except OptimizerError:
+            continue  # Gate.plan reported it
+        for key, msg in override_problems(suite, max_drop):
+            problems.append(smap.problem((*path, "max_drop", key), msg))
+    return problems
 
 
 def _environment(recipe: Recipe, device: str) -> tuple[Environment, ModelPlan]:
@@ -434,12 +677,50 @@ def load_recipe(
             )
             raise OptimizerError(f"recipe file not found: {p}{hint}")
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise OptimizerError(f"cannot read recipe {p}: {e}") from None
+        with p.open("rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise OptimizerError(f"cannot read recipe {p}: {e.strerror or e}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            [
+                Problem(
+                    str(p),
+                    None,
+                    "",
+                    f"larger than {MAX_RECIPE_BYTES // 1024} KiB; a recipe is a small config "
+                    "(is this the right file?)",
+                )
+            ]
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecipeError(
+            [
+                Problem(
+                    str(p),
+                    line,
+                    "",
+                    f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                    "a recipe is a YAML text file",
+                )
+            ]
+        ) from None
+    text = text.removeprefix("\ufeff")  # a BOM some editors write
     data, smap, problems = load_yaml(text, str(p))
     if data is None:
-        data = {}
+        raise RecipeError(
+            [
+                Problem(
+                    str(p),
+                    None,
+                    "",
+                    "the recipe is empty: a recipe is a YAML mapping with name, model and stages",
+                )
+            ]
+        )
     for assignment in overrides or []:
         if not isinstance(data, dict):
             break

@@ -95,6 +95,19 @@ def gate_artifact(request: GateRequest, *, capture: Capture = log_to_file) -> Ru
         )
     if (request.candidate is None) == (request.endpoint is None):
         raise OptimizerError("gate exactly one of a candidate directory or an endpoint")
+    # Every input is checked first, cheapest first: nothing is evaluated, loaded or written
+    # before all of them are known to be usable.
+    if request.candidate is not None:
+        if not request.candidate.exists():
+            raise OptimizerError(f"--candidate {request.candidate}: no such directory")
+        if not request.candidate.is_dir():
+            raise OptimizerError(f"--candidate {request.candidate}: not a directory")
+    else:
+        from optimizer.evaluation.endpoint import url_problem
+
+        problem = url_problem(request.endpoint)
+        if problem:
+            raise OptimizerError(f"--endpoint {request.endpoint!r}: {problem}")
     suite_file = evaluation.resolve_suite(request.suite, Path.cwd())
     suite = evaluation.apply_overrides(
         evaluation.load_suite(suite_file), limit=request.limit, max_drop=request.max_drop
@@ -103,9 +116,10 @@ def gate_artifact(request: GateRequest, *, capture: Capture = log_to_file) -> Ru
     if problem:
         raise OptimizerError(f"--baseline: {problem}")
     if request.candidate is not None:
-        candidate = evaluation.make_candidate(
-            "checkpoint", request.candidate.resolve()
-        )  # refuses exports
+        try:  # refuses exports it cannot rebuild, engines, unreadable configs
+            candidate = evaluation.make_candidate("checkpoint", request.candidate.resolve())
+        except OptimizerError as e:
+            raise OptimizerError(f"--candidate: {e}") from None
     else:  # probed (with the baseline's tokenizer) before the baseline is evaluated
         candidate = evaluation.make_candidate("endpoint", request.endpoint, request.endpoint_model)
     invocation = _invocation(request, suite_file)

@@ -20,22 +20,80 @@ import os
 import shutil
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from optimizer import launch
 from optimizer.errors import OptimizerError
 from optimizer.models import sha256_file
-from optimizer.run_record import READABLE_VERSIONS, RunRecord
+from optimizer.run_record import READABLE_VERSIONS, SCHEMA_VERSION, RunRecord
 
 RUN_JSON = "run.json"
+#: Written when a run of ours creates (or first claims an empty) run directory: only a
+#: directory holding it (or, from before the marker, a run.json of ours and nothing else
+#: foreign) is ours to clean (``--force``, temporaries).
+MARKER = ".optimizer-run"
+MARKER_TEXT = "optimizer run directory: created by optimize; --force may delete its contents\n"
+#: Top-level names a run of ours creates besides its artifacts.
+_OWN_NAMES = {RUN_JSON, "recipe.yaml", "logs", "stages", ".lock", MARKER}
+_OWN_PREFIXES = (".tmp-", ".stale-", ".checkpoints-", f".{RUN_JSON}.tmp-", ".recipe.yaml.tmp-")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def _refuse_symlink(path: Path) -> None:
+    if path.is_symlink():
+        raise OptimizerError(
+            f"{path} is a symbolic link; a run never writes through links in its run "
+            "directory. Remove it or choose another directory with -o"
+        )
+
+
+def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that refuses a symbolic link at ``path`` (exit 2, never its target)."""
+    try:
+        return os.open(path, flags | _NOFOLLOW | _CLOEXEC, mode)
+    except OSError as e:
+        if path.is_symlink():
+            _refuse_symlink(path)
+        raise OptimizerError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def open_log(path: Path):
+    """``path`` opened for appending text, never through a symbolic link."""
+    _refuse_symlink(path.parent)
+    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never a torn one."""
+    """Write a file so that readers see the old or the new content, never a torn one (and
+    never through a symbolic link: the temporary is created afresh, the rename replaces a
+    link at ``path`` rather than its target)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def check_output_dir(path: Path) -> None:
+    """Refuse (exit 2) an output directory that cannot be one: a file, a path under a file,
+    a directory this process cannot write."""
+    path = Path(os.path.abspath(path))
+    for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            raise OptimizerError(f"-o {path}: {p} is a dangling symbolic link")
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"lies under {p}, which is a file"
+                raise OptimizerError(f"-o {path} {what}, not a run directory; choose another -o")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise OptimizerError(f"-o {path}: {p} is not writable; choose another -o")
+            return
 
 
 def _is_bytecode(path: Path) -> bool:
@@ -106,7 +164,7 @@ class RunDirectory:
     def drop_checkpoints(self, index: int | None = None, keep: set[str] = frozenset()) -> None:
         """Remove stage ``index``'s checkpoints (all stages' if None), except those named in
         ``keep`` (directory names)."""
-        if not self.writer:
+        if not self.writer or not self.owned():
             return
         pattern = ".checkpoints-*" if index is None else f".checkpoints-{index:02d}-*"
         for p in self.path.glob(pattern):
@@ -117,14 +175,25 @@ class RunDirectory:
             else:
                 shutil.rmtree(p, ignore_errors=True)
 
+    @property
+    def marker(self) -> Path:
+        return self.path / MARKER
+
     def lock(self) -> None:
-        """Refuse a second concurrent run on this directory (the OS drops the lock if we die)."""
+        """Refuse a second concurrent run on this directory (the OS drops the lock if we die).
+        A directory we create (or find empty) gets our marker."""
         if not self.writer:
             return
-        if self.path.exists() and not self.path.is_dir():
-            raise OptimizerError(f"{self.path} is a file, not a run directory; choose another -o")
-        self.path.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path / ".lock", "a+")  # noqa: SIM115 (held until unlock())
+        check_output_dir(self.path)
+        fresh = not self.path.exists() or not any(p.name != ".lock" for p in self.path.iterdir())
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OptimizerError(
+                f"cannot create run directory {self.path}: {e.strerror or e}; choose another -o"
+            ) from None
+        fd = open_nofollow(self.path / ".lock", os.O_RDWR | os.O_CREAT)
+        fh = os.fdopen(fd, "a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -140,6 +209,80 @@ class RunDirectory:
         fh.write(str(os.getpid()))
         fh.flush()
         self._lock_fh = fh
+        if fresh:
+            try:
+                write_atomic(self.marker, MARKER_TEXT)
+            except BaseException:
+                self.unlock()
+                raise
+
+    def lock_held(self) -> bool:
+        """Whether a live process holds this directory's lock (a run in progress)."""
+        lock = self.path / ".lock"
+        if lock.is_symlink() or not lock.is_file():
+            return False
+        try:
+            fd = os.open(lock, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)  # (closing drops a lock we took)
+        return False
+
+    def check_files(self) -> None:
+        """Refuse symbolic links where a run writes (exit 2, before anything is written)."""
+        for p in (self.run_json, self.path / "recipe.yaml", self.logs, self.marker):
+            _refuse_symlink(p)
+        if self.logs.is_dir():
+            for p in self.logs.glob("run*.log"):
+                _refuse_symlink(p)
+
+    def owned(self) -> bool:
+        """Whether a run of ours made this directory: our marker, or (a directory from before
+        the marker) a valid run.json and nothing a run of ours does not create."""
+        m = self.marker
+        if not m.is_symlink() and m.is_file():
+            try:
+                return m.read_text() == MARKER_TEXT
+            except (OSError, UnicodeDecodeError):
+                return False
+        try:
+            record = self.read()
+        except OptimizerError:
+            return False
+        if record is None:
+            return False
+        own = set(_OWN_NAMES)
+        recorded = list(record.artifacts.values()) + [
+            o.path for s in record.stages for o in (s.outputs or {}).values()
+        ]
+        for path in recorded:
+            p = Path(path)
+            if p.is_absolute() and p.is_relative_to(self.path) and p != self.path:
+                own.add(p.relative_to(self.path).parts[0])
+        return all(p.name in own or p.name.startswith(_OWN_PREFIXES) for p in self.path.iterdir())
+
+    def outside(self, record: RunRecord, *, relative_ok: bool = False) -> list[str]:
+        """Output and artifact paths recorded in ``record`` that lie outside this directory
+        (links resolved). A relative path counts as outside (a run of ours records absolute
+        ones) unless ``relative_ok``: then it is read as relative to this directory."""
+        paths = list(record.artifacts.values()) + [
+            o.path for s in record.stages for o in (s.outputs or {}).values()
+        ]
+
+        def inside(p: str) -> bool:
+            path = Path(p)
+            if not path.is_absolute() and not relative_ok:
+                return False
+            return (self.path / path).resolve().is_relative_to(self.path)
+
+        return [p for p in paths if not inside(p)]
 
     def unlock(self) -> None:
         if self._lock_fh is not None:
@@ -147,17 +290,25 @@ class RunDirectory:
             self._lock_fh.close()
             self._lock_fh = None
 
-    def read(self) -> RunRecord | None:
-        """The recorded run, or None if there is none; OptimizerError if it is unreadable."""
+    def read(self, *, require_version: bool = True) -> RunRecord | None:
+        """The recorded run, or None if there is none; OptimizerError if it is unreadable or
+        not a RunRecord. ``require_version=False`` (reports) reads a record without
+        ``schema_version`` as the current schema."""
+        _refuse_symlink(self.run_json)
         try:
-            data = json.loads(self.run_json.read_text())
+            data = json.loads(self.run_json.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
-        except ValueError as e:
+        except (OSError, ValueError) as e:
             raise OptimizerError(
-                f"{self.run_json} is not valid JSON ({e}); cannot resume from it"
+                f"{self.run_json} is not valid JSON ({e}); cannot trust it"
             ) from None
-        version = data.get("schema_version") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            raise OptimizerError(
+                f"{self.run_json} holds a JSON {type(data).__name__}, not a run record; "
+                "use another directory (or --force on a run directory of ours)"
+            )
+        version = data.get("schema_version", None if require_version else SCHEMA_VERSION)
         if version not in READABLE_VERSIONS:
             raise OptimizerError(
                 f"{self.run_json} has schema_version {version!r}; this optimizer reads "
@@ -165,6 +316,13 @@ class RunDirectory:
             )
         try:
             return RunRecord.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "(top level)"
+            more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+            raise OptimizerError(
+                f"{self.run_json} does not describe a run: {where}: {first['msg']}{more}"
+            ) from None
         except ValueError as e:
             raise OptimizerError(f"{self.run_json} does not describe a run ({e})") from None
 
@@ -185,8 +343,9 @@ class RunDirectory:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def remove_temporaries(self) -> None:
-        """Drop what an interrupted run left half-written (never trusted, never reused)."""
-        if not self.writer:
+        """Drop what an interrupted run left half-written (never trusted, never reused), in a
+        directory of ours only (a foreign ``.tmp-x`` is not ours to delete)."""
+        if not self.writer or not self.owned():
             return
         for p in self.path.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
@@ -194,13 +353,22 @@ class RunDirectory:
             shutil.rmtree(p, ignore_errors=True)
 
     def clear(self) -> None:
-        """Delete a previous run's contents (for --force), keeping the lock file."""
+        """Delete a previous run's contents (for --force), keeping the lock file and our
+        marker; a directory that is not ours (``owned``) is refused and nothing deleted."""
         if not self.writer:
             return
+        if not self.owned():
+            raise OptimizerError(
+                f"{self.path} was not created by optimize (no {MARKER} marker, and no run.json "
+                "of ours with nothing else in it); --force deletes only run directories of "
+                "ours. Delete it yourself, or choose another directory with -o"
+            )
         for p in self.path.iterdir():
-            if p.name == ".lock":
+            if p.name in (".lock", MARKER):
                 continue
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             else:
                 p.unlink()
+        if not self.marker.is_file():
+            write_atomic(self.marker, MARKER_TEXT)  # (a directory from before the marker)

@@ -44,6 +44,11 @@ DTYPE_BITS = {
 MAX_HEADER = 100 * 2**20
 
 
+def _whole(value: Any) -> bool:
+    """A size or byte offset: an int >= 0 (JSON true/false are not numbers here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def tensor_nbytes(dtype: str, shape: list[int]) -> int:
     """Bytes one tensor of ``dtype`` and ``shape`` occupies (raises KeyError for a dtype
     safetensors does not define)."""
@@ -83,9 +88,9 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
             raise ValueError(f"tensor {name}: entry lacks dtype, shape or data_offsets") from None
         if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise ValueError(f"tensor {name}: unknown dtype {dtype!r}")
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ValueError(f"tensor {name}: shape {shape} is not a list of sizes")
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+        if not isinstance(entry["shape"], list) or not all(_whole(d) for d in shape):
+            raise ValueError(f"tensor {name}: shape {entry['shape']!r} is not a list of sizes")
+        if not (_whole(begin) and _whole(end) and begin <= end):
             raise ValueError(f"tensor {name}: data_offsets {[begin, end]} are not a byte range")
         want = tensor_nbytes(dtype, shape)
         if end - begin != want:

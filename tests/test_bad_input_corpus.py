@@ -467,7 +467,26 @@ SPECULATIVE_CASES = [
     ),
 ]
 
-CASES += SPARSIFY_CASES + PRUNE_CASES + SPECULATIVE_CASES
+#: Recipe values that would become options of `docker run`.
+IMAGE_CASES = [
+    (
+        "build-image-as-docker-option",
+        PTQ
+        + "  - export: {{trtllm_checkpoint: {{tp: 1, pp: 1}}}}\n"
+        + "  - build: {{launcher: docker, image: '--privileged', max_batch_size: 8, "
+        "max_input_len: 256, max_seq_len: 512, max_num_tokens: 1024}}\n",
+        "stages[2].build.image: image '--privileged' starts with '-' and would be read as a "
+        "docker run option",
+    ),
+    (
+        "deploy-image-not-a-reference",
+        PTQ + HF_EXPORT + "  - deploy: {{targets: [{{runtime: vllm, image: 'UPPER/Case:x'}}]}}\n",
+        "stages[2].deploy.targets[0].image: image 'UPPER/Case:x' is not a container image "
+        "reference",
+    ),
+]
+
+CASES += SPARSIFY_CASES + PRUNE_CASES + SPECULATIVE_CASES + IMAGE_CASES
 
 #: Cases also run through ``optimize run -o DIR``: refused before the run directory exists.
 RUN_CASES = {

@@ -31,8 +31,36 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def url_problem(base_url: object) -> str | None:
+    """Why ``base_url`` is not an http(s) URL of a server (file://, ftp://, no host, spaces or
+    control characters), or None. Only http and https are ever requested."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(base_url, str) or not base_url:
+        return "expected an http(s) URL such as http://localhost:8000/v1/completions"
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in base_url):
+        return "the URL contains spaces or control characters"
+    try:
+        parts = urlsplit(base_url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as e:
+        return f"not a valid URL ({e})"
+    if parts.scheme.lower() not in ("http", "https"):
+        scheme = f"{parts.scheme}://" if parts.scheme else "no scheme"
+        return (
+            f"only http:// and https:// endpoints are accepted, not {scheme} "
+            "(e.g. http://localhost:8000/v1/completions)"
+        )
+    if not parts.hostname:
+        return "the URL names no host (e.g. http://localhost:8000/v1/completions)"
+    return None
+
+
 def _post(base_url: str, body: dict[str, Any], timeout: float) -> tuple[Any, str | None]:
     """The endpoint's JSON answer to ``body``, or why there is none."""
+    problem = url_problem(base_url)
+    if problem:  # urlopen would also read file:// and ftp:// URLs
+        return None, f"endpoint {base_url!r}: {problem}"
     request = urllib.request.Request(
         base_url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
@@ -121,8 +149,9 @@ class EndpointCandidate(Candidate):
         tokenizer: Path | str | None = None,
         timeout: float = 30,
     ):
-        if not base_url.startswith(("http://", "https://")):
-            raise OptimizerError(f"endpoint {base_url!r} is not an http(s) URL")
+        problem = url_problem(base_url)
+        if problem:
+            raise OptimizerError(f"endpoint {base_url!r}: {problem}")
         self.base_url = base_url
         self.model = model
         self.tokenizer = tokenizer

@@ -266,46 +266,121 @@ def _write_pages(
 
 
 def read_gate(path: Path) -> tuple[Verdict, dict[str, Any]]:
-    """A ``gate.json``: the verdict and its ``meta``."""
+    """A ``gate.json``: the verdict and its ``meta``. Raises ValueError (one line) for a file
+    that is not a gate result."""
+    from pydantic import ValidationError
+
     data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"it holds {type(data).__name__}, not a JSON object")
     meta = data.pop("meta", {})
-    return Verdict.model_validate(data), meta
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta is {type(meta).__name__}, not an object")
+    try:
+        return Verdict.model_validate(data), meta
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "(top level)"
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise ValueError(f"{where}: {first['msg']}{more}") from None
+
+
+def _gate_file(run_dir: Path, record: dict) -> Path:
+    """run.json's ``artifacts.gate``, resolved (a relative path is relative to the run
+    directory) and refused unless it lies inside the run directory: the report is written
+    beside it, and ``optimize report`` writes nowhere else."""
+    from optimizer.errors import OptimizerError
+
+    artifacts = record.get("artifacts")
+    if artifacts is None:
+        artifacts = {}
+    if not isinstance(artifacts, dict):
+        raise OptimizerError(
+            f"{run_dir}/run.json: artifacts is {type(artifacts).__name__}, not an object"
+        )
+    gate_file = artifacts.get("gate")
+    if not gate_file:
+        raise OptimizerError(
+            f"{run_dir}: this run has no gate result (run a recipe with a gate stage)"
+        )
+    if not isinstance(gate_file, str) or any(ord(c) < 32 for c in gate_file):
+        raise OptimizerError(f"{run_dir}/run.json: artifacts.gate {gate_file!r} is not a path")
+    root = run_dir.resolve()
+    path = (root / gate_file).resolve()  # an absolute gate_file replaces root
+    if not path.is_relative_to(root):
+        raise OptimizerError(
+            f"{run_dir}/run.json: artifacts.gate {gate_file} lies outside the run directory; "
+            "optimize report writes only inside it"
+        )
+    if not path.is_file():
+        raise OptimizerError(
+            f"{run_dir}/run.json: artifacts.gate {gate_file} does not exist (the run's gate "
+            "result is missing)"
+        )
+    return path
+
+
+def _curve(points: Any) -> bool:
+    """A loss curve as run.json holds it (absent, or a list of [step, loss] pairs)."""
+    if points is None:
+        return True
+    return isinstance(points, list) and all(
+        isinstance(p, list | tuple)
+        and len(p) == 2
+        and all(isinstance(x, int | float) and not isinstance(x, bool) for x in p)
+        for p in points
+    )
 
 
 def regenerate(run_dir: Path) -> Path:
     """Rewrite report.md / report.html of a run from its gate.json (``optimize report``)."""
-    from pydantic import ValidationError
-
     from optimizer.errors import OptimizerError
 
+    run_json = run_dir / "run.json"
     try:
-        record = json.loads((run_dir / "run.json").read_text())
+        record = json.loads(run_json.read_text())
     except (OSError, ValueError) as e:
         raise OptimizerError(f"{run_dir} has no readable run.json ({e})") from None
     if not isinstance(record, dict):
-        raise OptimizerError(f"{run_dir}/run.json does not describe a run")
-    gate_file = (record.get("artifacts") or {}).get("gate")
-    if not gate_file or not Path(gate_file).is_file():
         raise OptimizerError(
-            f"{run_dir}: this run has no gate result (run a recipe with a gate stage)"
+            f"{run_json} does not describe a run (it holds {type(record).__name__})"
         )
+    gate_path = _gate_file(run_dir, record)
+    gate_file = str(gate_path)
     try:
-        gate, meta = read_gate(Path(gate_file))
-    except (OSError, ValueError, ValidationError) as e:
+        gate, meta = read_gate(gate_path)
+    except (OSError, ValueError) as e:
         raise OptimizerError(f"{gate_file} is not a readable gate result ({e})") from None
+    stages = record.get("stages")
+    if not isinstance(stages, list):
+        stages = []
+    stages = [s for s in stages if isinstance(s, dict)]
+    for s in stages:
+        if not isinstance(s.get("outputs"), dict):
+            s["outputs"] = {}
+        if not isinstance(s.get("metrics"), dict | None):
+            s["metrics"] = None
     # The training stages the gate judged: those before the stage that wrote the report.
-    stages = record.get("stages") or []
     report_dir = str(Path(gate_file).parent)
     gate_index = next(
         (
             i
             for i, s in enumerate(stages)
-            if any(o.get("path") == report_dir for o in (s.get("outputs") or {}).values())
+            if any(
+                isinstance(o, dict) and o.get("path") == report_dir
+                for o in (s.get("outputs") or {}).values()
+            )
         ),
         len(stages),
     )
-    training = training_stages(
-        [(s.get("name", "?"), s.get("metrics")) for s in stages[:gate_index]]
-    )
+    training = [
+        (str(name), metrics)
+        for name, metrics in training_stages(
+            [(s.get("name", "?"), s.get("metrics")) for s in stages[:gate_index]]
+        )
+        if all(_curve(metrics.get(k)) for k in ("loss_curve", "eval_curve"))
+    ]
     _write_pages(Path(gate_file).parent, gate, meta, training)
     return Path(gate_file).parent / "report.html"

@@ -22,15 +22,24 @@ GREEDY_AGREEMENT = "greedy_agreement"
 
 
 class Threshold(BaseModel):
-    """One rule per metric: an absolute drop, a relative drop, or a floor."""
+    """One rule per metric: an absolute drop, a relative drop, or a floor.
+
+    The gate's metrics are accuracy-like scores in [0, 1] (acc, exact_match,
+    greedy_agreement), so every bound lies in [0, 1] too, and NaN / infinity are refused: a
+    NaN threshold would compare false with every drop and silently pass or fail everything.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_drop: float | None = Field(
-        None, ge=0, description="allowed baseline - candidate (absolute)"
+        None, ge=0, le=1, allow_inf_nan=False, description="allowed baseline - candidate (absolute)"
     )
-    max_relative_drop: float | None = Field(None, ge=0, lt=1, description="allowed drop / baseline")
-    min_value: float | None = Field(None, description="the candidate must score at least this")
+    max_relative_drop: float | None = Field(
+        None, ge=0, lt=1, allow_inf_nan=False, description="allowed drop / baseline"
+    )
+    min_value: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False, description="the candidate must score at least this"
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -86,6 +95,18 @@ class Suite(BaseModel):
         "the suite file; searched after the shipped tasks",
     )
 
+    @model_validator(mode="after")
+    def _known_threshold_keys(self):
+        problem = unknown_threshold_key(self, self.thresholds)
+        if problem:
+            raise ValueError(f"thresholds: {problem}")
+        return self
+
+    @property
+    def metric_keys(self) -> list[str]:
+        """The ``task/metric`` keys a threshold may name (besides ``default``)."""
+        return [t.key for t in self.tasks]
+
     def threshold_for(self, key: str) -> Threshold:
         return (
             self.thresholds.get(key) or self.thresholds.get("default") or Threshold(max_drop=0.01)
@@ -97,6 +118,47 @@ class Suite(BaseModel):
             task.limit or self.limit,
             task.num_fewshot if task.num_fewshot is not None else self.num_fewshot,
         )
+
+
+def unknown_threshold_key(suite: Suite, keys) -> str | None:
+    """A message for the first of ``keys`` that names no ``task/metric`` of ``suite`` (and
+    is not ``default``), with a did-you-mean and the known keys; None when all are known. A
+    threshold for a metric the suite does not measure would never be applied: a typo in it
+    would silently leave the default in force."""
+    from optimizer.registry import did_you_mean
+
+    known = suite.metric_keys
+    for key in keys:
+        if key != "default" and key not in known:
+            hint = did_you_mean(str(key), [*known, "default"])
+            return (
+                f"{key!r} is not a metric of suite {suite.name!r}{hint} "
+                f"(known: default, {', '.join(known)})"
+            )
+    return None
+
+
+def override_problems(suite: Suite, max_drop: dict) -> list[tuple[str, str]]:
+    """What is wrong with a gate's ``max_drop`` overrides for ``suite``: ``(key, message)``
+    pairs (empty when none). Each value must be a finite drop in [0, 1] and each key
+    ``default`` or one of the suite's ``task/metric``."""
+    import math
+
+    problems = []
+    for key, value in max_drop.items():
+        if key != "default" and key not in suite.metric_keys:
+            problems.append((str(key), unknown_threshold_key(suite, [key]) or ""))
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append((str(key), f"must be a number in [0, 1], not {value!r}"))
+        elif not math.isfinite(value) or not 0 <= value <= 1:
+            problems.append(
+                (
+                    str(key),
+                    f"must be an absolute drop in [0, 1] (metrics are accuracy-like scores), "
+                    f"not {value!r}",
+                )
+            )
+    return problems
 
 
 def resolve_suite(ref: str, base_dir: Path) -> Path:
@@ -118,8 +180,16 @@ def load_suite(path: Path) -> Suite:
         suite = Suite.model_validate(yaml.safe_load(Path(path).read_text()))
     except FileNotFoundError:
         raise OptimizerError(f"suite file not found: {path}") from None
-    except Exception as e:  # yaml or pydantic: either way the suite file is wrong
-        raise OptimizerError(f"invalid suite {path}: {e}") from None
+    except ValidationError as e:  # one line: the first problem, by key path
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise OptimizerError(
+            f"invalid suite {path}: {where + ': ' if where else ''}{msg}"
+        ) from None
+    except Exception as e:  # yaml, or a hostile file: either way the suite file is wrong
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise OptimizerError(f"invalid suite {path}: {reason}") from None
     if suite.tasks_dir is not None:
         tasks_dir = (Path(path).parent / Path(suite.tasks_dir).expanduser()).resolve()
         if not tasks_dir.is_dir():
@@ -141,6 +211,10 @@ def apply_overrides(
         updates["limit"] = limit
         updates["tasks"] = [t.model_copy(update={"limit": None}) for t in suite.tasks]
     if max_drop:
+        problems = override_problems(suite, max_drop)
+        if problems:
+            key, msg = problems[0]
+            raise OptimizerError(f"max_drop {key}: {msg}")
         try:
             overrides = {k: Threshold(max_drop=v) for k, v in max_drop.items()}
         except ValidationError as e:

@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from optimizer.errors import StageError
 from optimizer.inputs import Input, file_input, package_input, reference_input
@@ -81,6 +81,16 @@ class Build(Stage):
     extra_args: list[str] = Field(
         default_factory=list, description="more trtllm-build flags, passed as they are"
     )
+
+    @field_validator("image")
+    @classmethod
+    def _image_reference(cls, value: str) -> str:
+        from optimizer.launchers import image_problem
+
+        problem = image_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _sizes(self):

@@ -88,6 +88,16 @@ class Target(BaseModel):
             raise ValueError(f"{value!r} must be one word, without spaces or newlines")
         return value
 
+    @field_validator("image")
+    @classmethod
+    def _image_reference(cls, value: str | None) -> str | None:
+        from optimizer.launchers import image_problem
+
+        problem = image_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @field_validator("extra_args")
     @classmethod
     def _printable(cls, value: list[str]) -> list[str]:

@@ -47,6 +47,22 @@ BEFORE_FILE = "eval_before.json"
 GATHERED_DIR = "gathered"
 
 
+# Upper bounds of the training settings: far above any real run, low enough that a typo
+# (`steps: 1e9`, `learning_rate: 10`) or a hostile recipe is refused at validation instead
+# of allocating, looping or diverging for hours. Floats are also refused when NaN or
+# infinite (allow_inf_nan=False): NaN compares false with every bound.
+MAX_STEPS = 10_000_000  # optimizer steps (also log_every / eval_every / save_every)
+MAX_EPOCHS = 1_000.0
+MAX_LEARNING_RATE = 1.0  # fine-tuning rates are ~1e-6..1e-3; above 1 every optimizer diverges
+MAX_WEIGHT_DECAY = 10.0
+MAX_GRAD_NORM = 1e6
+MAX_BATCH_SIZE = 4_096  # windows per step per process (and gradient_accumulation)
+MAX_SEQ_LEN = 1_048_576  # 2**20 tokens per window
+MAX_TEMPERATURE = 100.0  # KD softmax temperature (usual: 1..10)
+MAX_LOSS_WEIGHT = 1_000.0
+MAX_SEED = 2**32 - 1  # numpy's seed range
+
+
 class LayerLoss(BaseModel):
     """A hidden-state loss between a student module and a teacher module of the same width."""
 
@@ -54,7 +70,7 @@ class LayerLoss(BaseModel):
 
     student: str = Field(description="module name in the student, e.g. model.layers.11")
     teacher: str = Field(description="module name in the teacher, e.g. model.layers.23")
-    weight: Annotated[float, Field(gt=0)] = 1.0
+    weight: Annotated[float, Field(gt=0, le=MAX_LOSS_WEIGHT, allow_inf_nan=False)] = 1.0
     loss: Literal["mse", "cosine"] = "mse"
 
 
@@ -64,11 +80,11 @@ class DistillationLoss(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: Softmax temperature of the logit KD loss.
-    temperature: Annotated[float, Field(gt=0)] = 1.0
+    temperature: Annotated[float, Field(gt=0, le=MAX_TEMPERATURE, allow_inf_nan=False)] = 1.0
     #: Weight of the logit KD loss.
-    kd_weight: Annotated[float, Field(ge=0)] = 1.0
+    kd_weight: Annotated[float, Field(ge=0, le=MAX_LOSS_WEIGHT, allow_inf_nan=False)] = 1.0
     #: Weight of the ordinary next-token cross-entropy on the data.
-    ce_weight: Annotated[float, Field(ge=0)] = 0.0
+    ce_weight: Annotated[float, Field(ge=0, le=MAX_LOSS_WEIGHT, allow_inf_nan=False)] = 0.0
     #: Optional intermediate-layer losses.
     layer_losses: list[LayerLoss] = Field(default_factory=list)
 
@@ -86,19 +102,19 @@ class TrainingConfig(BaseModel):
 
     data: TrainingData = Field(default_factory=TrainingData)
     #: Optimizer steps (each ``batch_size x gradient_accumulation`` windows per process).
-    steps: Annotated[int, Field(gt=0)] | None = None
+    steps: Annotated[int, Field(gt=0, le=MAX_STEPS)] | None = None
     #: Passes over the training windows (instead of ``steps``).
-    epochs: Annotated[float, Field(gt=0)] | None = None
-    learning_rate: Annotated[float, Field(gt=0)] = 1e-5
+    epochs: Annotated[float, Field(gt=0, le=MAX_EPOCHS, allow_inf_nan=False)] | None = None
+    learning_rate: Annotated[float, Field(gt=0, le=MAX_LEARNING_RATE, allow_inf_nan=False)] = 1e-5
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     #: Share of the steps spent warming the learning rate up from 0.
-    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
-    batch_size: Annotated[int, Field(gt=0)] = 8
-    gradient_accumulation: Annotated[int, Field(gt=0)] = 1
-    seq_len: Annotated[int, Field(gt=1)] = 512
-    seed: int = 0
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0, le=MAX_WEIGHT_DECAY, allow_inf_nan=False)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0, le=MAX_GRAD_NORM, allow_inf_nan=False)] = 1.0
+    batch_size: Annotated[int, Field(gt=0, le=MAX_BATCH_SIZE)] = 8
+    gradient_accumulation: Annotated[int, Field(gt=0, le=MAX_BATCH_SIZE)] = 1
+    seq_len: Annotated[int, Field(gt=1, le=MAX_SEQ_LEN)] = 512
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
     #: fnmatch patterns of parameter names to keep frozen (e.g. ``"*embed_tokens*"``).
     frozen: list[str] = Field(default_factory=list)
     gradient_checkpointing: bool = False
@@ -107,11 +123,11 @@ class TrainingConfig(BaseModel):
     #: process holds a full copy (DDP).
     fsdp: bool = False
     #: Log the training loss every this many steps.
-    log_every: Annotated[int, Field(gt=0)] = 10
+    log_every: Annotated[int, Field(gt=0, le=MAX_STEPS)] = 10
     #: Evaluate the held-out loss every this many steps (default: 5 times per run).
-    eval_every: Annotated[int, Field(gt=0)] | None = None
+    eval_every: Annotated[int, Field(gt=0, le=MAX_STEPS)] | None = None
     #: Checkpoint every this many steps (default: 10 times per run), for resume.
-    save_every: Annotated[int, Field(gt=0)] | None = None
+    save_every: Annotated[int, Field(gt=0, le=MAX_STEPS)] | None = None
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainingConfig:

@@ -106,6 +106,8 @@ def kind_of(path: Path) -> str:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return "unknown"
+    if not isinstance(config, dict):
+        return "unknown"
     if "pretrained_config" in config and "build_config" in config:
         return "engine"
     if "architecture" in config and "dtype" in config:
@@ -113,6 +115,63 @@ def kind_of(path: Path) -> str:
     if "architectures" in config or "model_type" in config:
         return "hf"
     return "unknown"
+
+
+#: config.json keys that must be positive integers when present (the model's dimensions).
+SIZE_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_size",
+    "intermediate_size",
+    "vocab_size",
+)
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _config_shape_problem(config: dict) -> str | None:
+    """The first value of config.json with the wrong type (a string where a number goes, a
+    zero or negative size, a list where an object goes), or None. Checked before any rule
+    reads the values, so a hostile file is one clear message, never a traceback."""
+    for key in SIZE_KEYS:
+        optional_null = config.get(key) is None and key not in REQUIRED_CONFIG_KEYS
+        if key in config and not optional_null and not _is_size(config[key]):
+            return f"config.json {key} must be a positive integer, not {config[key]!r}"
+    for key in ("architecture", "dtype"):
+        if key in config and not isinstance(config[key], str):
+            return f"config.json {key} must be a string, not {config[key]!r}"
+    for key in ("quantization", "mapping"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            return f"config.json {key} must be an object, not {type(config[key]).__name__}"
+    mapping = config.get("mapping") or {}
+    for key in ("tp_size", "pp_size", "world_size"):
+        if key in mapping and not _is_size(mapping[key]):
+            return f"config.json mapping.{key} must be a positive integer, not {mapping[key]!r}"
+    quant = config.get("quantization") or {}
+    for key in ("quant_algo", "kv_cache_quant_algo"):
+        if quant.get(key) is not None and not isinstance(quant[key], str):
+            return f"config.json quantization.{key} must be a string or null, not {quant[key]!r}"
+    group = quant.get("group_size")
+    if group is not None and not _is_size(group):
+        return f"config.json quantization.group_size must be a positive integer, not {group!r}"
+    excluded = quant.get("exclude_modules")
+    if excluded is not None and not (
+        isinstance(excluded, list) and all(isinstance(x, str) for x in excluded)
+    ):
+        return f"config.json quantization.exclude_modules must be a list of names, not {excluded!r}"
+    heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if _is_size(heads) and _is_size(kv) and heads % kv:
+        return (
+            f"config.json num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+        )
+    hidden = config.get("hidden_size")
+    if _is_size(heads) and _is_size(hidden) and not config.get("head_size") and hidden % heads:
+        return f"config.json hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+    return None
 
 
 def check_checkpoint(checkpoint: Path) -> list[CheckProblem]:
@@ -123,14 +182,25 @@ def check_checkpoint(checkpoint: Path) -> list[CheckProblem]:
         problems.append(CheckProblem(message, HINTS[hint]))
 
     path = checkpoint / "config.json"
+    if not path.exists():
+        return [CheckProblem(f"{path} is missing", HINTS["config"])]
+    if not path.is_file():
+        return [CheckProblem(f"{path} is not a file", HINTS["config"])]
     try:
         config = json.loads(path.read_text())
-    except FileNotFoundError:
-        return [CheckProblem(f"{path} is missing", HINTS["config"])]
-    except ValueError as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         return [CheckProblem(f"{path} is not valid JSON: {e}", HINTS["config"])]
+    if not isinstance(config, dict):
+        return [
+            CheckProblem(
+                f"{path} holds {type(config).__name__}, not a JSON object", HINTS["config"]
+            )
+        ]
     if kind_of(checkpoint) == "engine":
         return [CheckProblem("this is a built engine directory, not a checkpoint", HINTS["config"])]
+    shape_problem = _config_shape_problem(config)
+    if shape_problem:
+        return [CheckProblem(shape_problem, HINTS["config"])]
     for key in REQUIRED_CONFIG_KEYS:
         if key not in config:
             bad(f"config.json lacks required key '{key}'", "config")
@@ -151,10 +221,11 @@ def check_checkpoint(checkpoint: Path) -> list[CheckProblem]:
         bad(f"quantization.kv_cache_quant_algo {kv!r} is not supported by TensorRT-LLM", "algo")
 
     mapping = config.get("mapping") or {}
-    tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
-    world = int(mapping.get("world_size", tp * pp))
+    tp, pp = mapping.get("tp_size", 1), mapping.get("pp_size", 1)
+    world = mapping.get("world_size", tp * pp)
     if world != tp * pp:
         bad(f"mapping.world_size {world} is not tp_size x pp_size = {tp * pp}", "config")
+        return problems
     headers: dict[int, dict[str, dict[str, Any]]] = {}
     for r in range(world):
         f = checkpoint / f"rank{r}.safetensors"
@@ -163,12 +234,14 @@ def check_checkpoint(checkpoint: Path) -> list[CheckProblem]:
             continue
         try:
             headers[r] = read_safetensors_header(f)
-        except ValueError as e:
+        except (OSError, ValueError) as e:
             bad(f"rank{r}.safetensors is unreadable: {e}", "rank")
     if problems or algo not in LINEAR_CONTRACTS and algo not in ("MIXED_PRECISION", "NO_QUANT"):
         return problems  # tensor checks only make sense on a structurally sound checkpoint
 
     per_layer_algo = _per_layer_algos(checkpoint, quant, problems)
+    if problems:
+        return problems
     problems += _check_tensors(config, quant, per_layer_algo, headers, tp, pp)
     return problems
 
@@ -189,10 +262,23 @@ def _per_layer_algos(
             )
         )
         return {}
-    layers = cfg.get("quantized_layers") or {}
+    layers = (cfg.get("quantized_layers") or {}) if isinstance(cfg, dict) else None
+    if not isinstance(layers, dict) or not all(
+        isinstance(e, dict) or e is None for e in layers.values()
+    ):
+        problems.append(
+            CheckProblem(
+                "quant_cfg.json needs quantized_layers: an object of layer name -> "
+                "{quant_algo: ...}",
+                HINTS["config"],
+            )
+        )
+        return {}
     out = {}
     for name, entry in layers.items():
         layer_algo = (entry or {}).get("quant_algo")
+        if layer_algo is not None and not isinstance(layer_algo, str):
+            layer_algo = repr(layer_algo)
         if layer_algo not in LINEAR_CONTRACTS:
             problems.append(
                 CheckProblem(

@@ -122,7 +122,7 @@ def test_optimize_gate_refuses_an_unrebuildable_export_before_anything_heavy(
     )
     assert proc.stdout.strip().splitlines()[-1] == "rc 2 heavy []", proc.stderr
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.startswith(f"error: {unrebuildable} {REFUSAL}")
+    assert proc.stderr.startswith(f"error: --candidate: {unrebuildable} {REFUSAL}")
     assert not cache.exists() and not out.exists()
 
 
