@@ -412,6 +412,10 @@ def enable_modelopt_checkpointing() -> None:
     mto.enable_huggingface_checkpointing()
 
 
+#: ModelOpt's state next to a saved model (quantizers, masks, draft heads).
+MODELOPT_STATE = "modelopt_state.pth"
+
+
 def load_model(path: Path, dtype: str, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
@@ -423,9 +427,22 @@ def load_model(path: Path, dtype: str, trust_remote_code: bool = False):
         from optimizer import launch
 
         device_map = {"": launch.local_rank()} if launch.world_size() > 1 else "auto"
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype(dtype), device_map=device_map, trust_remote_code=trust_remote_code
-    )
+    import pickle
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch_dtype(dtype),
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+        )
+    except pickle.UnpicklingError as e:
+        # ModelOpt restores modelopt_state.pth with torch.load(weights_only=True): a pickle
+        # that would run code (or holds anything but tensors and plain data) stops here.
+        raise OptimizerError(
+            f"{path}: refused to load {MODELOPT_STATE}: it is not plain ModelOpt state "
+            f"(loaded with weights_only=True; {str(e).splitlines()[0]})"
+        ) from None
     model.eval()
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
@@ -468,10 +485,29 @@ def save_in_dtype(model, out: Path, dtype: str, compute_dtype: str) -> bool:
     return changed
 
 
+#: Tokenizer loading arguments that say where and how files were fetched, not what the
+#: tokenizer is.
+ENVIRONMENT_TOKENIZER_KWARGS = (
+    "local_files_only",
+    "cache_dir",
+    "token",
+    "use_auth_token",
+    "force_download",
+    "proxies",
+    "revision",
+    "subfolder",
+)
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    # Loading arguments that depend on the environment (HF_HUB_OFFLINE sets local_files_only)
+    # would be saved into every exported tokenizer_config.json: artifacts must not differ
+    # between machines.
+    for key in ENVIRONMENT_TOKENIZER_KWARGS:
+        tok.init_kwargs.pop(key, None)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -40,3 +40,29 @@ def write_recipe(tmp_path, tiny_llama):
         return path
 
     return write
+
+
+#: The bad-input corpus: every module of malformed or hostile input (recipes, checkpoints,
+#: reports, run directories, loading). Its size is printed at the end of every run.
+CORPUS_MODULES = (
+    "test_bad_input_corpus.py",
+    "test_hostile_recipes.py",
+    "test_hostile_inputs.py",
+    "test_rundir_trust.py",
+    "test_safe_loading.py",
+)
+
+
+def pytest_terminal_summary(terminalreporter):
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    for outcome in counts:
+        for report in terminalreporter.stats.get(outcome, []):
+            # one report per case: its call, or the setup that failed or skipped it
+            if Path(report.fspath).name in CORPUS_MODULES and report.when in ("setup", "call"):
+                counts[outcome] += 1
+    total = sum(counts.values())
+    if total:
+        terminalreporter.write_line(
+            f"bad-input corpus: {total} cases ({counts['passed']} passed, "
+            f"{counts['failed']} failed, {counts['skipped']} skipped)"
+        )

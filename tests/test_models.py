@@ -1,6 +1,7 @@
 """Model sources: local directories, hub ids (failing fast offline), builtin GGUF conversion."""
 
 import json
+import os
 
 import pytest
 
@@ -76,3 +77,23 @@ def test_builtin_is_converted_once_then_reused(builtin_cache, monkeypatch):
     monkeypatch.setattr(models, "_convert_gguf", no_conversion)
     again = models.resolve_source("builtin:smollm2-135m-instruct", builtin_cache)
     assert again == first and (again.path / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_saved_tokenizers_do_not_depend_on_the_environment(tiny_llama, tmp_path):
+    """HF_HUB_OFFLINE makes transformers load with local_files_only=True, which it would save
+    into tokenizer_config.json: exports would differ between machines."""
+    import subprocess
+    import sys
+
+    saved = {}
+    for offline in ("0", "1"):
+        out = tmp_path / f"tok-{offline}"
+        code = (
+            "import sys; from optimizer import models; "
+            "models.load_tokenizer(sys.argv[1]).save_pretrained(sys.argv[2])"
+        )
+        env = {**os.environ, "HF_HUB_OFFLINE": offline}
+        subprocess.run([sys.executable, "-c", code, str(tiny_llama), str(out)], env=env, check=True)
+        saved[offline] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert saved["0"] == saved["1"]
+    assert b"local_files_only" not in saved["1"]["tokenizer_config.json"]
