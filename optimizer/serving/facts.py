@@ -326,13 +326,11 @@ def load_problems(
             f"{where} is not given Medusa heads here: they deploy as a TensorRT-LLM <= 1.2 "
             "engine (a `build` stage after the speculative stage)"
         )
-    elif draft:
-        serves = {"eagle3": "eagle3", "draft_target": "draft_target"}[draft]
-        if not getattr(rel, serves):
-            newer = [r.since for r in releases(runtime) if getattr(r, serves)]
-            hint = f"from {newer[0]} on" if newer else "in no version in this table"
-            what = DRAFT_NAMES[draft]
-            problems.append(f"{where} cannot serve the {draft} draft ({what} is supported {hint})")
+    elif draft and not getattr(rel, draft):  # one Release flag per draft kind, named as it
+        newer = [r.since for r in releases(runtime) if getattr(r, draft)]
+        hint = f"from {newer[0]} on" if newer else "in no version in this table"
+        what = DRAFT_NAMES[draft]
+        problems.append(f"{where} cannot serve the {draft} draft ({what} is supported {hint})")
     return problems
 
 

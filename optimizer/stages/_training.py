@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optimizer.inputs import Input
+from optimizer.inputs import Input, checkpoint_input, reference_input
 from optimizer.plan import Environment, ModelPlan
 from optimizer.stages.base import Stage, StageProblem, StageResult
 from optimizer.techniques.train import DistillationLoss, TrainingConfig
@@ -155,6 +155,25 @@ def training_problems(
             )
         )
     return problems
+
+
+def model_source_input(key: str, source: str, base_dir: Path) -> Input:
+    """A second model a stage reads (a teacher, a draft): a local checkpoint by content,
+    a builtin:/hub source by name."""
+    from optimizer import models
+
+    local = models.local_dir(source, base_dir)
+    return checkpoint_input(key, local) if local is not None else reference_input(key, source)
+
+
+def other_vocabulary(source: str, base_dir: Path, prev: ModelPlan) -> int | None:
+    """The vocabulary size of ``source`` when it differs from the model's (None: the same,
+    or unknown before the run)."""
+    from optimizer import models
+
+    theirs = (models.peek_config(source, base_dir) or {}).get("vocab_size")
+    ours = prev.dims.vocab_size if prev.dims is not None else None
+    return theirs if theirs and ours and theirs != ours else None
 
 
 def _layer_index(module: str) -> int | None:

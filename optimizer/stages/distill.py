@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from optimizer.inputs import Input, checkpoint_input, reference_input
+from optimizer.inputs import Input
 from optimizer.plan import Environment, ModelPlan
-from optimizer.stages._training import TrainingStage
+from optimizer.stages._training import TrainingStage, model_source_input, other_vocabulary
 from optimizer.stages.base import StageProblem
 
 if TYPE_CHECKING:
@@ -48,31 +48,21 @@ class Distill(TrainingStage):
             msg = models.check_source(self.teacher, env.base_dir)
             if msg:
                 problems.append(("teacher", f"{msg} (or 'original': the recipe's model)"))
-            else:
-                teacher = models.peek_config(self.teacher, env.base_dir) or {}
-                ours = prev.dims.vocab_size if prev.dims is not None else None
-                if ours and teacher.get("vocab_size") and teacher["vocab_size"] != ours:
-                    problems.append(
-                        (
-                            "teacher",
-                            f"the teacher's vocabulary ({teacher['vocab_size']} tokens) differs "
-                            f"from the student's ({ours}); logit distillation needs the same "
-                            "tokenizer",
-                        )
+            elif theirs := other_vocabulary(self.teacher, env.base_dir, prev):
+                problems.append(
+                    (
+                        "teacher",
+                        f"the teacher's vocabulary ({theirs} tokens) differs from the "
+                        f"student's ({prev.dims.vocab_size}); logit distillation needs the "
+                        "same tokenizer",
                     )
+                )
         return plan, problems
 
     def inputs(self, base_dir: Path) -> list[Input]:
-        from optimizer import models
-
         inputs = super().inputs(base_dir)
         if self.teacher != ORIGINAL:
-            local = models.local_dir(self.teacher, base_dir)
-            inputs.append(
-                checkpoint_input("teacher", local)
-                if local is not None
-                else reference_input("teacher", self.teacher)  # builtin:/hub: a name
-            )
+            inputs.append(model_source_input("teacher", self.teacher, base_dir))
         return inputs
 
     def teacher_path(self, ctx: StageContext) -> Path | None:

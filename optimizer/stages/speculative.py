@@ -37,9 +37,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from optimizer.errors import OptimizerError
-from optimizer.inputs import Input, checkpoint_input, reference_input
+from optimizer.inputs import Input
 from optimizer.plan import Environment, ModelPlan
-from optimizer.stages._training import training_problems, write_training_report
+from optimizer.stages._training import (
+    model_source_input,
+    other_vocabulary,
+    training_problems,
+    write_training_report,
+)
 from optimizer.stages.base import Stage, StageProblem, StageResult
 from optimizer.techniques.train import TrainingConfig
 
@@ -132,19 +137,14 @@ class Speculative(Stage, TrainingConfig):
                 msg = models.check_source(self.draft_model, env.base_dir)
                 if msg:
                     problems.append(("draft_model", msg))
-                else:
-                    theirs = (models.peek_config(self.draft_model, env.base_dir) or {}).get(
-                        "vocab_size"
-                    )
-                    ours = prev.dims.vocab_size if prev.dims is not None else None
-                    if theirs and ours and theirs != ours:
-                        problems.append(
-                            (
-                                "draft_model",
-                                f"the draft's vocabulary ({theirs} tokens) differs from the "
-                                f"model's ({ours}); a draft must share the tokenizer",
-                            )
+                elif theirs := other_vocabulary(self.draft_model, env.base_dir, prev):
+                    problems.append(
+                        (
+                            "draft_model",
+                            f"the draft's vocabulary ({theirs} tokens) differs from the "
+                            f"model's ({prev.dims.vocab_size}); a draft must share the tokenizer",
                         )
+                    )
         else:
             if self.draft_model is not None:
                 problems.append(("draft_model", "draft_model: only for method draft_target"))
@@ -162,7 +162,7 @@ class Speculative(Stage, TrainingConfig):
                 problems.append(
                     ("method", f"the model is {prev.sparsity} sparse: train the head before")
                 )
-        heads = self.medusa_heads or self.draft_len
+        heads = self.resolved_medusa_heads
         if self.method == "medusa" and heads < self.draft_len:
             problems.append(
                 (
@@ -196,14 +196,9 @@ class Speculative(Stage, TrainingConfig):
         return plan.but(draft=self.method, draft_len=self.draft_len, exports=exports), problems
 
     def inputs(self, base_dir: Path) -> list[Input]:
-        from optimizer import models
-
         if self.method == "draft_target":
             assert self.draft_model is not None
-            local = models.local_dir(self.draft_model, base_dir)
-            if local is not None:
-                return [checkpoint_input("draft_model", local)]
-            return [reference_input("draft_model", self.draft_model)]
+            return [model_source_input("draft_model", self.draft_model, base_dir)]
         return [self.data.as_input(base_dir)]
 
     def head_config(self):
@@ -213,8 +208,13 @@ class Speculative(Stage, TrainingConfig):
             f: getattr(self, f) for f in HEAD_FIELDS[self.method] if f in self.model_fields_set
         }
         if self.method == "medusa":
-            fields.setdefault("medusa_heads", self.draft_len)
+            fields["medusa_heads"] = self.resolved_medusa_heads
         return DraftHeadConfig(method=self.method, **fields)
+
+    @property
+    def resolved_medusa_heads(self) -> int:
+        """Medusa heads as set, else one per drafted token."""
+        return self.medusa_heads or self.draft_len
 
     # ------------------------------------------------------------------ run
 
