@@ -3,15 +3,18 @@
 Every cell is a real `optimize run` of a one-stage recipe (`speculative`), so the numbers are
 the stage's own (run.json): mean acceptance length, acceptance rate per draft position, the
 PyTorch wall-clock speed-up of greedy speculative decoding against plain greedy (both with a
-KV cache, batch 1), and the training time.
+KV cache, batch 1), and the training time. One run measures every --draft-lens length on the
+same held-out prompts (``acceptance.draft_lens``), so a head is trained once per cell.
 
-  eagle3 / medusa  trained heads, --steps (a curve: pick the steps that take ~2, 5, 10 minutes
-                   on the machine; the table reports the measured training seconds), at draft
-                   lengths --draft-lens (each length is its own run: the stage measures one)
+  eagle3 / medusa  trained heads, for --steps, or for --minutes of training: a probe cell
+                   (--probe-steps) measures the seconds per step first and the steps are
+                   derived from it (the table reports the measured training seconds)
   draft_target     --draft-model (e.g. bench/compress.py's pruned + distilled depth model:
                    W/depth/run/stages/01-distill/model), no training
+  --parallel       the cells as concurrent processes (a 135M model leaves an H200 mostly idle;
+                   training seconds are then measured under that contention)
 
-  python bench/speculative.py --methods eagle3 medusa --steps 300 800 1600 --out DIR   # GPU
+  python bench/speculative.py --methods eagle3 medusa --minutes 2 5 10 --parallel --out DIR
   python bench/speculative.py --methods draft_target --draft-model PATH --out DIR
   python bench/speculative.py --table DIR > bench/results/speculative-gpu.md
 """
@@ -19,6 +22,7 @@ KV cache, batch 1), and the training time.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -37,27 +41,35 @@ HEAD = {
 }
 
 
-def recipe(method: str, steps: int | None, draft_len: int, args) -> dict:
+def recipe(method: str, steps: int | None, args) -> dict:
+    lens = sorted(set(args.draft_lens), reverse=True)
     stage: dict = {
         "method": method,
-        "draft_len": draft_len,
-        "acceptance": {"num_prompts": args.prompts, "max_new_tokens": args.new_tokens},
+        "draft_len": lens[0],
+        "acceptance": {
+            "num_prompts": args.prompts,
+            "max_new_tokens": args.new_tokens,
+            "draft_lens": lens[1:],
+        },
     }
     if method == "draft_target":
         stage["draft_model"] = str(Path(args.draft_model).resolve())
     else:
         stage |= HEAD | {"steps": steps}
+        if method == "medusa":
+            stage["medusa_heads"] = lens[0]
         if args.generate_prompts:
             stage["generate"] = {**HEAD["generate"], "num_prompts": args.generate_prompts}
     return {"name": "bench-speculative", "model": MODEL, "stages": [{"speculative": stage}]}
 
 
-def run_cell(method: str, steps: int | None, draft_len: int, args) -> dict:
-    label = f"{method}-{steps or 0}-k{draft_len}"
+def run_cell(method: str, steps: int | None, args) -> list[dict]:
+    """One run; a result per measured draft length."""
+    label = f"{method}-{steps or 0}"
     work = Path(args.work) / label
     work.mkdir(parents=True, exist_ok=True)
     path = work / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe(method, steps, draft_len, args), sort_keys=False))
+    path.write_text(yaml.safe_dump(recipe(method, steps, args), sort_keys=False))
     t0 = time.time()
     cmd = [sys.executable, "-m", "optimizer", "run", str(path), "-o", str(work / "run"), "-q"]
     if (work / "run" / "run.json").exists():
@@ -68,18 +80,37 @@ def run_cell(method: str, steps: int | None, draft_len: int, args) -> dict:
     rec = json.loads((work / "run" / "run.json").read_text())
     metrics = rec["stages"][0]["metrics"]
     training = metrics.get("training") or {}
-    return {
-        "method": method,
-        "steps": steps,
-        "draft_len": draft_len,
-        "acceptance": metrics["acceptance"],
-        "train_seconds": training.get("train_seconds"),
-        "tokens": training.get("tokens"),
-        "wall_seconds": round(time.time() - t0, 1),
-        "recipe": path.read_text(),
-        "device": rec.get("device"),
-        "versions": rec.get("versions"),
+    by_len = metrics.get("acceptance_by_draft_len") or {
+        str(metrics["draft_len"]): metrics["acceptance"]
     }
+    return [
+        {
+            "method": method,
+            "steps": steps,
+            "draft_len": int(k),
+            "acceptance": acceptance,
+            "train_seconds": training.get("train_seconds"),
+            "tokens": training.get("tokens"),
+            "wall_seconds": round(time.time() - t0, 1),
+            "recipe": path.read_text(),
+            "device": rec.get("device"),
+            "versions": rec.get("versions"),
+        }
+        for k, acceptance in by_len.items()
+    ]
+
+
+def save(cells: list[dict], out: Path) -> None:
+    for cell in cells:
+        name = f"{cell['method']}-{cell['steps'] or 0}-k{cell['draft_len']}.json"
+        (out / name).write_text(json.dumps(cell, indent=1) + "\n")
+        a = cell["acceptance"]
+        print(
+            f"{cell['method']:12s} steps {cell['steps'] or '-':>5} k {cell['draft_len']}: "
+            f"acceptance length {a['mean_acceptance_length']:.3f}, speed-up {a['speedup']}, "
+            f"train {cell['train_seconds']} s",
+            flush=True,
+        )
 
 
 def table(dirs: list[Path]) -> str:
@@ -105,6 +136,9 @@ def main() -> int:
     )
     ap.add_argument("--methods", nargs="*", default=["eagle3", "medusa"])
     ap.add_argument("--steps", nargs="*", type=int, default=[300, 800, 1600])
+    ap.add_argument("--minutes", nargs="*", type=float, help="training minutes (overrides --steps)")
+    ap.add_argument("--probe-steps", type=int, default=100)
+    ap.add_argument("--parallel", action="store_true")
     ap.add_argument("--draft-lens", nargs="*", type=int, default=[3, 5])
     ap.add_argument("--draft-model", help="draft_target: the draft (a model directory)")
     ap.add_argument("--prompts", type=int, default=32, help="held-out prompts measured")
@@ -121,19 +155,25 @@ def main() -> int:
         ap.error("draft_target needs --draft-model")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    jobs: list[tuple[str, int | None]] = []
     for method in args.methods:
-        for steps in [None] if method == "draft_target" else args.steps:
-            for k in args.draft_lens:
-                cell = run_cell(method, steps, k, args)
-                name = f"{method}-{steps or 0}-k{k}.json"
-                (out / name).write_text(json.dumps(cell, indent=1) + "\n")
-                a = cell["acceptance"]
-                print(
-                    f"{method:12s} steps {steps or '-':>5} k {k}: acceptance length "
-                    f"{a['mean_acceptance_length']:.3f}, speed-up {a['speedup']}, "
-                    f"train {cell['train_seconds']} s",
-                    flush=True,
-                )
+        if method == "draft_target":
+            jobs.append((method, None))
+        elif args.minutes:
+            probe = run_cell(method, args.probe_steps, args)
+            save(probe, out)
+            per_step = probe[0]["train_seconds"] / args.probe_steps
+            print(f"{method}: {per_step * 1000:.0f} ms per step (probe)", flush=True)
+            jobs += [(method, max(1, round(m * 60 / per_step))) for m in args.minutes]
+        else:
+            jobs += [(method, steps) for steps in args.steps]
+    if args.parallel:
+        with concurrent.futures.ThreadPoolExecutor(len(jobs) or 1) as pool:
+            for cells in pool.map(lambda job: run_cell(*job, args), jobs):
+                save(cells, out)
+    else:
+        for job in jobs:
+            save(run_cell(*job, args), out)
     return 0
 
 

@@ -236,12 +236,17 @@ class RunDirectory:
         return False
 
     def check_files(self) -> None:
-        """Refuse symbolic links where a run writes (exit 2, before anything is written)."""
-        for p in (self.run_json, self.path / "recipe.yaml", self.logs, self.marker):
+        """Refuse symbolic links where a run writes (exit 2, before anything is written).
+        Stage outputs are renamed into stages/NN-name/, so a link at stages/ or below it would
+        put them wherever it points; a link at a top-level artifact's own name is harmless
+        (the rename replaces the link, not its target)."""
+        stages = self.path / "stages"
+        for p in (self.run_json, self.path / "recipe.yaml", self.logs, self.marker, stages):
             _refuse_symlink(p)
-        if self.logs.is_dir():
-            for p in self.logs.glob("run*.log"):
-                _refuse_symlink(p)
+        for where in (self.logs, stages):
+            if where.is_dir():
+                for p in where.iterdir():
+                    _refuse_symlink(p)
 
     def owned(self) -> bool:
         """Whether a run of ours made this directory: our marker, or (a directory from before

@@ -435,6 +435,17 @@ SPECULATIVE_CASES = [
         "speculative.medusa_heads: 2 Medusa heads draft at most 2 tokens, not draft_len 4",
     ),
     (
+        "speculative-medusa-heads-below-a-measured-length",
+        "  - speculative: {{method: medusa, draft_len: 3, acceptance: {{draft_lens: [5]}}}}\n",
+        "speculative.medusa_heads: 3 Medusa heads draft at most 3 tokens, not "
+        "acceptance.draft_lens 5",
+    ),
+    (
+        "speculative-measured-length-zero",
+        "  - speculative: {{acceptance: {{draft_lens: [0]}}}}\n",
+        "speculative.acceptance.draft_lens[0]: Input should be greater than or equal to 1",
+    ),
+    (
         "speculative-aux-layer-out-of-range",
         "  - speculative: {{aux_layer_ids: [0, 9]}}\n",
         "speculative.aux_layer_ids: layer 9: the model has 2 (0-1)",

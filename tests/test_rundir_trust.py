@@ -184,6 +184,18 @@ def test_logs_directory_link_is_refused(write_recipe, tmp_path, capsys):
     assert not list(elsewhere.iterdir())
 
 
+@pytest.mark.parametrize("where", ["stages", "stages/00-ptq"])
+def test_stage_directories_that_are_links_are_refused(write_recipe, tmp_path, capsys, where):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run_dir = tmp_path / "run"
+    (run_dir / where).parent.mkdir(parents=True)
+    (run_dir / where).symlink_to(elsewhere)
+    assert run_cli(write_recipe(), run_dir) == 2
+    assert f"{run_dir / where} is a symbolic link" in one_error(capsys)
+    assert not list(elsewhere.iterdir())
+
+
 @pytest.mark.parametrize("name", ["run.json", "recipe.yaml"])
 def test_run_files_that_are_links_are_refused(write_recipe, tmp_path, capsys, name):
     victim = tmp_path / "victim.txt"

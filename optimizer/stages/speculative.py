@@ -79,6 +79,11 @@ class Acceptance(BaseModel):
     max_new_tokens: Annotated[int, Field(gt=0, le=4096)] = 128
     #: Also decode plainly: the outputs must agree token for token; gives the speed-up.
     compare_greedy: bool = True
+    #: Further draft lengths measured on the same prompts (one training, the table to choose
+    #: a serving ``max_draft_len`` from); the gate and deploy use the stage's ``draft_len``.
+    draft_lens: list[Annotated[int, Field(ge=1, le=16)]] = Field(
+        default_factory=list, max_length=16
+    )
 
 
 class Speculative(Stage, TrainingConfig):
@@ -163,12 +168,13 @@ class Speculative(Stage, TrainingConfig):
                     ("method", f"the model is {prev.sparsity} sparse: train the head before")
                 )
         heads = self.resolved_medusa_heads
-        if self.method == "medusa" and heads < self.draft_len:
+        longest = max([self.draft_len, *self.acceptance.draft_lens])
+        if self.method == "medusa" and heads < longest:
+            which = "draft_len" if longest == self.draft_len else "acceptance.draft_lens"
             problems.append(
                 (
                     "medusa_heads",
-                    f"{heads} Medusa heads draft at most {heads} tokens, not draft_len "
-                    f"{self.draft_len}",
+                    f"{heads} Medusa heads draft at most {heads} tokens, not {which} {longest}",
                 )
             )
         layers = prev.dims.num_hidden_layers if prev.dims is not None else None
@@ -266,31 +272,36 @@ class Speculative(Stage, TrainingConfig):
             )
             forward = speculative.base_forward(model)
         ctx.log.info(
-            "acceptance: %d held-out prompts, %d new tokens each, draft_len %d",
+            "acceptance: %d held-out prompts, %d new tokens each, draft_len %s",
             len(prompts),
             self.acceptance.max_new_tokens,
-            self.draft_len,
+            ", ".join(map(str, [self.draft_len, *self.acceptance.draft_lens])),
         )
-        report = speculation.measure_acceptance(
+        reports = speculation.measure_acceptance(
             forward,
             drafter,
             prompts,
-            draft_len=self.draft_len,
+            draft_lens=[self.draft_len, *self.acceptance.draft_lens],
             max_new_tokens=self.acceptance.max_new_tokens,
             eos_token_ids=_eos_ids(model, tokenizer),
             compare_greedy=self.acceptance.compare_greedy,
             cache_config=getattr(model, "config", None),
         )
-        acceptance = report.as_dict()
-        metrics["acceptance"] = acceptance
-        ctx.log.info(
-            "mean acceptance length %.3f (of at most %d); acceptance by position %s; speed-up %s",
-            report.mean_acceptance_length,
-            self.draft_len + 1,
-            acceptance["acceptance_rate_by_position"],
-            f"{report.speedup:.2f}x" if report.speedup else "not measured",
-        )
-        if report.matches_greedy is False:
+        report = reports[self.draft_len]
+        metrics["acceptance"] = report.as_dict()
+        if self.acceptance.draft_lens:
+            metrics["acceptance_by_draft_len"] = {str(k): r.as_dict() for k, r in reports.items()}
+        for k, r in reports.items():
+            ctx.log.info(
+                "draft_len %d: mean acceptance length %.3f (of at most %d); by position %s; "
+                "speed-up %s",
+                k,
+                r.mean_acceptance_length,
+                k + 1,
+                [round(x, 3) for x in r.acceptance_rate_by_position],
+                f"{r.speedup:.2f}x" if r.speedup else "not measured",
+            )
+        if any(r.matches_greedy is False for r in reports.values()):
             raise OptimizerError(
                 "speculative decoding changed the output against plain greedy decoding: the "
                 "verification is not exact on this model (numerics of batched vs one-token "

@@ -217,46 +217,54 @@ def measure_acceptance(
     drafter: Drafter,
     prompts: Sequence[Any],
     *,
-    draft_len: int,
+    draft_lens: Sequence[int],
     max_new_tokens: int,
     eos_token_ids: Sequence[int] = (),
     compare_greedy: bool = True,
     cache_config=None,
     progress: Callable[[int, int], None] | None = None,
-) -> AcceptanceReport:
-    """Speculative greedy generation of every prompt ([1, P] tensors); with
-    ``compare_greedy`` also plain greedy (its output must be the same; its time is the
-    speed-up's reference)."""
+) -> dict[int, AcceptanceReport]:
+    """Speculative greedy generation of every prompt ([1, P] tensors) at each draft length;
+    with ``compare_greedy`` also plain greedy, once per prompt (every length's output must
+    equal it; its time is each speed-up's reference)."""
     kw = {"max_new_tokens": max_new_tokens, "eos_token_ids": eos_token_ids}
-    full: list[int] = []
-    generated = 0
-    spec_s = greedy_s = 0.0
-    matches = True
+    lens = list(dict.fromkeys(draft_lens))
+    full: dict[int, list[int]] = {k: [] for k in lens}
+    generated = dict.fromkeys(lens, 0)
+    spec_s = dict.fromkeys(lens, 0.0)
+    matches = dict.fromkeys(lens, True)
+    greedy_s = 0.0
     for i, prompt in enumerate(prompts):
-        gen = speculative_greedy(
-            base_forward, drafter, prompt, draft_len=draft_len, cache_config=cache_config, **kw
-        )
-        generated += len(gen.tokens)
-        spec_s += gen.seconds
-        full += [m for k, m in gen.steps if k == draft_len]
+        ref = None
         if compare_greedy:
             ref = plain_greedy(base_forward, prompt, cache_config=cache_config, **kw)
             greedy_s += ref.seconds
-            matches = matches and ref.tokens == gen.tokens
+        for k in lens:
+            gen = speculative_greedy(
+                base_forward, drafter, prompt, draft_len=k, cache_config=cache_config, **kw
+            )
+            generated[k] += len(gen.tokens)
+            spec_s[k] += gen.seconds
+            full[k] += [m for n, m in gen.steps if n == k]
+            matches[k] = matches[k] and (ref is None or ref.tokens == gen.tokens)
         if progress is not None:
             progress(i + 1, len(prompts))
-    rates = [sum(m > i for m in full) / len(full) if full else 0.0 for i in range(draft_len)]
-    return AcceptanceReport(
-        draft_len=draft_len,
-        prompts=len(prompts),
-        steps=len(full),
-        generated_tokens=generated,
-        mean_acceptance_length=statistics.fmean(m + 1 for m in full) if full else 1.0,
-        acceptance_rate_by_position=rates,
-        matches_greedy=matches if compare_greedy else None,
-        speculative_seconds=spec_s,
-        greedy_seconds=greedy_s if compare_greedy else None,
-    )
+    return {
+        k: AcceptanceReport(
+            draft_len=k,
+            prompts=len(prompts),
+            steps=len(full[k]),
+            generated_tokens=generated[k],
+            mean_acceptance_length=statistics.fmean(m + 1 for m in full[k]) if full[k] else 1.0,
+            acceptance_rate_by_position=[
+                sum(m > i for m in full[k]) / len(full[k]) if full[k] else 0.0 for i in range(k)
+            ],
+            matches_greedy=matches[k] if compare_greedy else None,
+            speculative_seconds=spec_s[k],
+            greedy_seconds=greedy_s if compare_greedy else None,
+        )
+        for k in lens
+    }
 
 
 class ModelDrafter:

@@ -347,20 +347,35 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
 def _float32_master_weights(model):
     """Cast ``model`` to float32 for training; return the function that puts every tensor
     back in exactly the dtype it had (a bf16 load keeps rotary frequencies and
-    keep-in-fp32 modules in float32, which a blanket ``.to(bf16)`` would round)."""
+    keep-in-fp32 modules in float32, which a blanket ``.to(bf16)`` would round). The config's
+    ``dtype`` follows: code that builds tensors from it (ModelOpt's EAGLE attention mask) would
+    otherwise mix bf16 with the float32 weights."""
     import itertools
+
+    import torch
 
     before = {
         name: t.dtype
         for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
     }
+    config = getattr(model, "config", None)
+    configs = [
+        c
+        for c in (config, getattr(config, "text_config", None))
+        if c is not None and getattr(c, "dtype", None) is not None
+    ]
+    config_dtypes = [c.dtype for c in configs]
     model.float()
+    for c in configs:
+        c.dtype = torch.float32
 
     def restore(trained) -> None:
         for name, t in itertools.chain(trained.named_parameters(), trained.named_buffers()):
             dtype = before.get(name)
             if dtype is not None and t.dtype != dtype:
                 t.data = t.data.to(dtype)
+        for c, dtype in zip(configs, config_dtypes, strict=True):
+            c.dtype = dtype
 
     return restore
 

@@ -28,7 +28,8 @@ def record(run_dir):
 
 def test_eagle3_draft_is_trained_measured_exported_and_deployed(tiny_llama, tmp_path):
     stages = [
-        f"speculative: {{draft_len: 4, {TRAIN}, {ACCEPT}, "
+        f"speculative: {{draft_len: 4, {TRAIN}, "
+        "acceptance: {num_prompts: 2, max_new_tokens: 8, draft_lens: [2]}, "
         "generate: {max_new_tokens: 8, num_prompts: 6, batch_size: 3}}",
         "ptq: {format: fp8}",
         EXPORT,
@@ -51,6 +52,15 @@ def test_eagle3_draft_is_trained_measured_exported_and_deployed(tiny_llama, tmp_
     )
     rates = acc["acceptance_rate_by_position"]
     assert rates == sorted(rates, reverse=True)  # a later draft needs the earlier ones
+    # the further length, on the same prompts with the same head
+    by_len = spec["acceptance_by_draft_len"]
+    assert sorted(by_len) == ["2", "4"] and by_len["4"] == acc
+    two = by_len["2"]
+    assert two["prompts"] == 2 and two["matches_greedy"] is True
+    assert two["mean_acceptance_length"] == pytest.approx(
+        1 + sum(two["acceptance_rate_by_position"]), abs=1e-3
+    )
+    assert len(two["acceptance_rate_by_position"]) == 2
     # the EAGLE-3 draft checkpoint, in the recipe's dtype
     config = json.loads((run_dir / "draft" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLMEagle3"]

@@ -69,9 +69,13 @@ def test_plain_greedy_is_transformers_greedy(models):
 
 def test_the_base_as_its_own_draft_accepts_everything(models):
     base, _ = models
-    report = measure_acceptance(
-        plain_forward(base), ModelDrafter(base), prompts(), draft_len=4, max_new_tokens=NEW
+    reports = measure_acceptance(
+        plain_forward(base), ModelDrafter(base), prompts(), draft_lens=[4, 2], max_new_tokens=NEW
     )
+    assert reports[2].matches_greedy is True
+    assert reports[2].mean_acceptance_length == pytest.approx(3.0)
+    assert reports[2].acceptance_rate_by_position == [1.0, 1.0]
+    report = reports[4]
     assert report.matches_greedy is True
     assert report.mean_acceptance_length == pytest.approx(5.0)
     assert report.acceptance_rate_by_position == [1.0, 1.0, 1.0, 1.0]
@@ -81,9 +85,9 @@ def test_the_base_as_its_own_draft_accepts_everything(models):
 
 def test_an_unrelated_draft_accepts_almost_nothing_and_changes_no_token(models):
     base, other = models
-    report = measure_acceptance(
-        plain_forward(base), ModelDrafter(other), prompts(), draft_len=4, max_new_tokens=NEW
-    )
+    (report,) = measure_acceptance(
+        plain_forward(base), ModelDrafter(other), prompts(), draft_lens=[4], max_new_tokens=NEW
+    ).values()
     assert report.matches_greedy is True
     assert report.mean_acceptance_length < 1.3
     assert report.acceptance_rate_by_position[-1] < 0.1
