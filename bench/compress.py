@@ -83,6 +83,8 @@ DISTILL = {
 }
 STEPS = ("raw", "distill", "fp8", "int4_awq")
 PTQ = {"fp8": {"format": "fp8"}, "int4_awq": {"format": "int4_awq", "group_size": 64}}
+#: width's hidden 432 is no multiple of 64 (or 32): its INT4 groups are 16 channels wide.
+GROUP_SIZE = {"width": 16}
 
 
 def recipe_for(variant: str, step: str, args: argparse.Namespace, suite: Path) -> dict:
@@ -92,7 +94,14 @@ def recipe_for(variant: str, step: str, args: argparse.Namespace, suite: Path) -
         stages.append({"distill": distill})
     if step in PTQ:
         stages += [
-            {"ptq": PTQ[step]},
+            {
+                "ptq": PTQ[step]
+                | (
+                    {"group_size": GROUP_SIZE[variant]}
+                    if variant in GROUP_SIZE and "group_size" in PTQ[step]
+                    else {}
+                )
+            },
             {"export": {"trtllm_checkpoint": None, "hf_checkpoint": True}},
         ]
     stages.append({"gate": {"suite": str(suite)}})

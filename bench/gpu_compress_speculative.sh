@@ -25,9 +25,9 @@ start)
         launch "compress-$v" python bench/compress.py --variants $v --no-latency \
             --out "$W/compress-out" --work "$W/compress"
     done
-    launch speculative-eagle3 python bench/speculative.py --methods eagle3 --minutes 2 5 10 \
+    launch speculative-eagle3 python bench/speculative.py --methods eagle3 --steps 1200 3000 6000 \
         --parallel --out "$W/speculative-out" --work "$W/speculative"
-    launch speculative-medusa python bench/speculative.py --methods medusa --minutes 2 5 \
+    launch speculative-medusa python bench/speculative.py --methods medusa --steps 1200 3000 \
         --parallel --out "$W/speculative-out" --work "$W/speculative"
     # draft-target: the pruned (20 of 30 layers) + distilled model as the draft
     launch speculative-draft-target "python bench/compress.py --variants depth \

@@ -6,15 +6,16 @@ PyTorch wall-clock speed-up of greedy speculative decoding against plain greedy 
 KV cache, batch 1), and the training time. One run measures every --draft-lens length on the
 same held-out prompts (``acceptance.draft_lens``), so a head is trained once per cell.
 
-  eagle3 / medusa  trained heads, for --steps, or for --minutes of training: a probe cell
-                   (--probe-steps) measures the seconds per step first and the steps are
-                   derived from it (the table reports the measured training seconds)
+  eagle3 / medusa  trained heads, for each of --steps; the table reports the measured training
+                   seconds (the curve's x axis). EAGLE-3 trains without torch.compile unless
+                   --compile: ModelOpt's max-autotune compile takes minutes on the first step,
+                   which a run of a few thousand steps does not earn back
   draft_target     --draft-model (e.g. bench/compress.py's pruned + distilled depth model:
                    W/depth/run/stages/01-distill/model), no training
   --parallel       the cells as concurrent processes (a 135M model leaves an H200 mostly idle;
                    training seconds are then measured under that contention)
 
-  python bench/speculative.py --methods eagle3 medusa --minutes 2 5 10 --parallel --out DIR
+  python bench/speculative.py --methods eagle3 --steps 1200 3000 6000 --parallel --out DIR
   python bench/speculative.py --methods draft_target --draft-model PATH --out DIR
   python bench/speculative.py --table DIR > bench/results/speculative-gpu.md
 """
@@ -58,6 +59,8 @@ def recipe(method: str, steps: int | None, args) -> dict:
         stage |= HEAD | {"steps": steps}
         if method == "medusa":
             stage["medusa_heads"] = lens[0]
+        else:
+            stage["compile"] = args.compile
         if args.generate_prompts:
             stage["generate"] = {**HEAD["generate"], "num_prompts": args.generate_prompts}
     return {"name": "bench-speculative", "model": MODEL, "stages": [{"speculative": stage}]}
@@ -136,8 +139,7 @@ def main() -> int:
     )
     ap.add_argument("--methods", nargs="*", default=["eagle3", "medusa"])
     ap.add_argument("--steps", nargs="*", type=int, default=[300, 800, 1600])
-    ap.add_argument("--minutes", nargs="*", type=float, help="training minutes (overrides --steps)")
-    ap.add_argument("--probe-steps", type=int, default=100)
+    ap.add_argument("--compile", action="store_true", help="eagle3: torch.compile the head")
     ap.add_argument("--parallel", action="store_true")
     ap.add_argument("--draft-lens", nargs="*", type=int, default=[3, 5])
     ap.add_argument("--draft-model", help="draft_target: the draft (a model directory)")
@@ -159,12 +161,6 @@ def main() -> int:
     for method in args.methods:
         if method == "draft_target":
             jobs.append((method, None))
-        elif args.minutes:
-            probe = run_cell(method, args.probe_steps, args)
-            save(probe, out)
-            per_step = probe[0]["train_seconds"] / args.probe_steps
-            print(f"{method}: {per_step * 1000:.0f} ms per step (probe)", flush=True)
-            jobs += [(method, max(1, round(m * 60 / per_step))) for m in args.minutes]
         else:
             jobs += [(method, steps) for steps in args.steps]
     if args.parallel:

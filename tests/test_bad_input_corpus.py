@@ -441,6 +441,11 @@ SPECULATIVE_CASES = [
         "acceptance.draft_lens 5",
     ),
     (
+        "speculative-compile-for-medusa",
+        "  - speculative: {{method: medusa, compile: true}}\n",
+        "speculative.compile: compile: only for method eagle3",
+    ),
+    (
         "speculative-measured-length-zero",
         "  - speculative: {{acceptance: {{draft_lens: [0]}}}}\n",
         "speculative.acceptance.draft_lens[0]: Input should be greater than or equal to 1",

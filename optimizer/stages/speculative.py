@@ -46,15 +46,13 @@ from optimizer.stages._training import (
     write_training_report,
 )
 from optimizer.stages.base import Stage, StageProblem, StageResult
+from optimizer.techniques.speculative import EAGLE_FIELDS, MEDUSA_FIELDS
 from optimizer.techniques.train import TrainingConfig
 
 if TYPE_CHECKING:
     from optimizer.context import StageContext
 
-HEAD_FIELDS = {
-    "eagle3": ("num_layers", "intermediate_size", "aux_layer_ids", "ttt_steps"),
-    "medusa": ("medusa_heads", "medusa_layers"),
-}
+HEAD_FIELDS = {"eagle3": EAGLE_FIELDS, "medusa": MEDUSA_FIELDS}
 TRAINING_FIELDS = set(TrainingConfig.model_fields) | {"generate"}
 
 
@@ -105,6 +103,11 @@ class Speculative(Stage, TrainingConfig):
     intermediate_size: Annotated[int, Field(gt=0)] | None = None
     aux_layer_ids: list[Annotated[int, Field(ge=0)]] | None = None
     ttt_steps: Annotated[int, Field(gt=0)] = 3
+    compile: bool | None = Field(
+        None,
+        description="eagle3: torch.compile the head's forward and loss (default: on CUDA; the "
+        "compile takes minutes, worth it for long runs only)",
+    )
     # medusa heads
     medusa_heads: Annotated[int, Field(gt=0)] | None = None
     medusa_layers: Annotated[int, Field(gt=0)] = 1
@@ -301,11 +304,25 @@ class Speculative(Stage, TrainingConfig):
                 [round(x, 3) for x in r.acceptance_rate_by_position],
                 f"{r.speedup:.2f}x" if r.speedup else "not measured",
             )
-        if any(r.matches_greedy is False for r in reports.values()):
+        mismatched = {k: r for k, r in reports.items() if r.matches_greedy is False}
+        if mismatched and ctx.state.compute_dtype == "float32":
             raise OptimizerError(
-                "speculative decoding changed the output against plain greedy decoding: the "
-                "verification is not exact on this model (numerics of batched vs one-token "
-                "forwards); report it"
+                "speculative decoding changed the output against plain greedy decoding in "
+                "float32 (draft_len "
+                + ", ".join(str(k) for k in mismatched)
+                + "): the verification is not exact on this model; report it"
+            )
+        for k, r in mismatched.items():
+            # bf16/fp16: a (k+1)-token verification forward rounds differently from a
+            # one-token forward, so near-ties flip; serving engines verify the same way.
+            ctx.log.warning(
+                "draft_len %d: %d of %d generations equal plain greedy decoding in %s (a "
+                "batched verification forward rounds differently from a one-token forward; "
+                "exactness holds in float32)",
+                k,
+                r.prompts_matching_greedy,
+                r.prompts,
+                ctx.state.compute_dtype,
             )
         if self.method == "draft_target":
             out = ctx.new_output("draft")

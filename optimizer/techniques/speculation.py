@@ -184,6 +184,10 @@ class AcceptanceReport:
     acceptance_rate_by_position: list[float]
     #: Every generation equalled plain greedy decoding (None when not compared).
     matches_greedy: bool | None
+    #: How many prompts' generations equalled plain greedy decoding (None when not compared):
+    #: in bfloat16 a (k+1)-token verification forward rounds differently from a one-token one,
+    #: so a near-tie can flip a token; in float32 every prompt matches.
+    prompts_matching_greedy: int | None = None
     speculative_seconds: float | None = None
     greedy_seconds: float | None = None
 
@@ -202,6 +206,7 @@ class AcceptanceReport:
             "mean_acceptance_length": round(self.mean_acceptance_length, 4),
             "acceptance_rate_by_position": [round(r, 4) for r in self.acceptance_rate_by_position],
             "matches_greedy": self.matches_greedy,
+            "prompts_matching_greedy": self.prompts_matching_greedy,
             "speculative_seconds": _round(self.speculative_seconds),
             "greedy_seconds": _round(self.greedy_seconds),
             "speedup": _round(self.speedup),
@@ -232,7 +237,7 @@ def measure_acceptance(
     full: dict[int, list[int]] = {k: [] for k in lens}
     generated = dict.fromkeys(lens, 0)
     spec_s = dict.fromkeys(lens, 0.0)
-    matches = dict.fromkeys(lens, True)
+    matching = dict.fromkeys(lens, 0)
     greedy_s = 0.0
     for i, prompt in enumerate(prompts):
         ref = None
@@ -246,7 +251,7 @@ def measure_acceptance(
             generated[k] += len(gen.tokens)
             spec_s[k] += gen.seconds
             full[k] += [m for n, m in gen.steps if n == k]
-            matches[k] = matches[k] and (ref is None or ref.tokens == gen.tokens)
+            matching[k] += ref is not None and ref.tokens == gen.tokens
         if progress is not None:
             progress(i + 1, len(prompts))
     return {
@@ -259,7 +264,8 @@ def measure_acceptance(
             acceptance_rate_by_position=[
                 sum(m > i for m in full[k]) / len(full[k]) if full[k] else 0.0 for i in range(k)
             ],
-            matches_greedy=matches[k] if compare_greedy else None,
+            matches_greedy=matching[k] == len(prompts) if compare_greedy else None,
+            prompts_matching_greedy=matching[k] if compare_greedy else None,
             speculative_seconds=spec_s[k],
             greedy_seconds=greedy_s if compare_greedy else None,
         )

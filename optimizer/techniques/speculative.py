@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from optimizer.errors import OptimizerError
 
-EAGLE_FIELDS = ("num_layers", "intermediate_size", "aux_layer_ids", "ttt_steps")
+EAGLE_FIELDS = ("num_layers", "intermediate_size", "aux_layer_ids", "ttt_steps", "compile")
 MEDUSA_FIELDS = ("medusa_heads", "medusa_layers")
 
 
@@ -63,7 +63,8 @@ class DraftHeadConfig(BaseModel):
     #: medusa: residual blocks per head.
     medusa_layers: Annotated[int, Field(gt=0)] = 1
     #: torch.compile the EAGLE forward and loss (None: on CUDA only; the CPU gains nothing and
-    #: pays the compile). Medusa has nothing to compile.
+    #: pays the compile, minutes with ModelOpt's max-autotune, which a short run never earns
+    #: back). Medusa has nothing to compile.
     compile: bool | None = None
 
     @model_validator(mode="after")

@@ -124,3 +124,27 @@ def test_generation_stops_at_eos_like_greedy(models):
         )
         assert got.tokens == want
     assert plain_greedy(fwd, p, max_new_tokens=NEW, eos_token_ids=[eos]).tokens == want
+
+
+def test_generations_that_differ_from_greedy_are_counted_per_prompt(models):
+    """A verification forward that rounds differently from a one-token forward (what bf16
+    does) can flip a near-tie: the report counts the prompts that still match."""
+    base, _ = models
+    fwd = plain_forward(base)
+    drafter = ModelDrafter(base)
+    started = []  # one entry per speculative generation (the drafter resets per prompt)
+    drafter_reset = drafter.reset
+    drafter.reset = lambda: (started.append(1), drafter_reset())
+
+    def rounding_forward(ids, cache, hidden):
+        out = fwd(ids, cache, hidden)
+        if len(started) == 2 and ids.shape[1] > 1 and cache.get_seq_length() > 7 + ids.shape[1]:
+            out.logits[..., 7] += 1e4  # the second prompt's verifications flip to token 7
+        return out
+
+    (report,) = measure_acceptance(
+        rounding_forward, drafter, prompts(3), draft_lens=[3], max_new_tokens=NEW
+    ).values()
+    assert len(started) == 3
+    assert report.matches_greedy is False
+    assert report.prompts_matching_greedy == 2
