@@ -18,8 +18,8 @@ Each step's gate.json metrics, stage times, training metrics, parameter count an
 size are written to --out/<variant>-<step>.json; --table merges them into Markdown.
 
 Forward latency (PyTorch, bf16, batch 1 and 32 x --latency-seq tokens, CUDA events, median of
---latency-iters) is measured for the baseline and each distilled bf16 model. 2:4 models are
-also timed with PyTorch's semi-structured sparse kernels (``to_sparse_semi_structured`` on
+--latency-rounds interleaved rounds of --latency-iters) is measured for the baseline and each
+distilled bf16 model. 2:4 models are also timed with PyTorch's semi-structured sparse kernels (``to_sparse_semi_structured`` on
 every 2:4 linear): that is the speed 2:4 can give in PyTorch; TensorRT-LLM >= 1.3, vLLM and
 SGLang serve the unified checkpoint dense. Quantized models are not timed: in PyTorch they run
 as fake quantization, which says nothing of a serving engine's speed.
@@ -202,8 +202,8 @@ def _saved_model(rec: dict) -> str:
     raise SystemExit("no saved model in run.json")
 
 
-def latency(model_dir: Path, batch: int, seq: int, iters: int, sparse: bool) -> float:
-    """Median forward latency in ms of ``model_dir`` (bf16, CUDA)."""
+def load_for_latency(model_dir: Path, sparse: bool):
+    """``model_dir`` in bf16 on CUDA; ``sparse``: its 2:4 linears as semi-structured tensors."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -214,6 +214,13 @@ def latency(model_dir: Path, batch: int, seq: int, iters: int, sparse: bool) -> 
         for name, m in model.named_modules():
             if isinstance(m, torch.nn.Linear) and name != "lm_head":
                 m.weight = torch.nn.Parameter(to_sparse_semi_structured(m.weight.detach()))
+    return model
+
+
+def forward_times(model, batch: int, seq: int, iters: int) -> list[float]:
+    """``iters`` forward latencies in ms (CUDA events), after 3 untimed forwards."""
+    import torch
+
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
     times = []
     with torch.inference_mode():
@@ -223,12 +230,15 @@ def latency(model_dir: Path, batch: int, seq: int, iters: int, sparse: bool) -> 
             model(ids)
             end.record()
             torch.cuda.synchronize()
-            if i >= 3:  # warm-up
+            if i >= 3:
                 times.append(start.elapsed_time(end))
-    return round(statistics.median(times), 2)
+    return times
 
 
 def latencies(args: argparse.Namespace) -> dict:
+    """Median forward latency (ms) per model and batch. The models are timed in interleaved
+    rounds after a throw-away pass, so clock ramp-up and lazy CUDA set-up do not all fall on
+    whichever model comes first."""
     from optimizer.models import resolve_source
 
     found = {"baseline": {"dir": str(resolve_source(MODEL["source"], REPO).path), "sparse": False}}
@@ -243,15 +253,23 @@ def latencies(args: argparse.Namespace) -> dict:
             found[variant] = {"dir": path, "sparse": False}
             if variant == "sparse24":
                 found["sparse24 (semi-structured kernels)"] = {"dir": path, "sparse": True}
-    out = {}
-    for name, m in found.items():
-        out[name] = {
-            f"batch {b}": latency(
-                Path(m["dir"]), b, args.latency_seq, args.latency_iters, m["sparse"]
-            )
-            for b in (1, 32)
-        }
-        print(f"latency {name}: {out[name]}", flush=True)
+    models = {name: load_for_latency(Path(m["dir"]), m["sparse"]) for name, m in found.items()}
+    times: dict[tuple[str, int], list[float]] = {}
+    first = next(iter(models.values()))
+    for b in (1, 32):
+        forward_times(first, b, args.latency_seq, args.latency_iters)  # throw-away
+    for _ in range(args.latency_rounds):
+        for name, model in models.items():
+            for b in (1, 32):
+                times.setdefault((name, b), []).extend(
+                    forward_times(model, b, args.latency_seq, args.latency_iters)
+                )
+    out = {
+        name: {f"batch {b}": round(statistics.median(times[name, b]), 2) for b in (1, 32)}
+        for name in models
+    }
+    for name, row in out.items():
+        print(f"latency {name}: {row}", flush=True)
     return out
 
 
@@ -316,7 +334,8 @@ def main() -> int:
     ap.add_argument("--limit", type=int, help="docs per task (default: all; for smoke tests)")
     ap.add_argument("--calib-samples", type=int, help="calibration windows (smoke tests)")
     ap.add_argument("--latency-seq", type=int, default=512)
-    ap.add_argument("--latency-iters", type=int, default=20)
+    ap.add_argument("--latency-iters", type=int, default=20, help="timed forwards per round")
+    ap.add_argument("--latency-rounds", type=int, default=3)
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--redo", action="store_true", help="re-run steps already measured in --work")
     ap.add_argument("--out", default="bench-compress")

@@ -68,8 +68,7 @@ def recipe(method: str, steps: int | None, args) -> dict:
 
 def run_cell(method: str, steps: int | None, args) -> list[dict]:
     """One run; a result per measured draft length."""
-    label = f"{method}-{steps or 0}"
-    work = Path(args.work) / label
+    work = Path(args.work) / f"{method}-{steps or 0}"
     work.mkdir(parents=True, exist_ok=True)
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe(method, steps, args), sort_keys=False))
@@ -79,7 +78,12 @@ def run_cell(method: str, steps: int | None, args) -> list[dict]:
         cmd.append("--resume")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode not in (0, 3):
-        raise SystemExit(f"{label} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{work.name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return read_cells(method, steps, work, wall_seconds=round(time.time() - t0, 1))
+
+
+def read_cells(method: str, steps: int | None, work: Path, wall_seconds=None) -> list[dict]:
+    """A finished run's results (``work``: its recipe.yaml and run/), one per draft length."""
     rec = json.loads((work / "run" / "run.json").read_text())
     metrics = rec["stages"][0]["metrics"]
     training = metrics.get("training") or {}
@@ -94,8 +98,8 @@ def run_cell(method: str, steps: int | None, args) -> list[dict]:
             "acceptance": acceptance,
             "train_seconds": training.get("train_seconds"),
             "tokens": training.get("tokens"),
-            "wall_seconds": round(time.time() - t0, 1),
-            "recipe": path.read_text(),
+            "wall_seconds": wall_seconds,
+            "recipe": (work / "recipe.yaml").read_text(),
             "device": rec.get("device"),
             "versions": rec.get("versions"),
         }
@@ -119,16 +123,18 @@ def save(cells: list[dict], out: Path) -> None:
 def table(dirs: list[Path]) -> str:
     cells = [json.loads(f.read_text()) for d in dirs for f in sorted(d.glob("*.json"))]
     head = (
-        "| method | steps | train s | draft len | mean acceptance length | by position | speed-up |"
+        "| method | steps | train min | draft len | mean acceptance length | by position "
+        "| speed-up | = greedy |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for c in sorted(cells, key=lambda c: (c["method"], c["steps"] or 0, c["draft_len"])):
         a = c["acceptance"]
         lines.append(
-            f"| {c['method']} | {c['steps'] or ''} | {c['train_seconds'] or ''} | "
+            f"| {c['method']} | {c['steps'] or ''} | "
+            f"{'' if not c['train_seconds'] else round(c['train_seconds'] / 60, 1)} | "
             f"{c['draft_len']} | {a['mean_acceptance_length']:.3f} | "
             f"{', '.join(f'{r:.2f}' for r in a['acceptance_rate_by_position'])} | "
-            f"{a['speedup'] or '':} |"
+            f"{a['speedup'] or '':} | {a.get('prompts_matching_greedy', '')}/{a['prompts']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -163,14 +169,17 @@ def main() -> int:
             jobs.append((method, None))
         else:
             jobs += [(method, steps) for steps in args.steps]
-    if args.parallel:
-        with concurrent.futures.ThreadPoolExecutor(len(jobs) or 1) as pool:
-            for cells in pool.map(lambda job: run_cell(*job, args), jobs):
-                save(cells, out)
-    else:
-        for job in jobs:
-            save(run_cell(*job, args), out)
-    return 0
+    failed = 0
+    # One failing cell (e.g. out of GPU memory beside the others) leaves the rest standing.
+    with concurrent.futures.ThreadPoolExecutor(len(jobs) if args.parallel else 1) as pool:
+        futures = [pool.submit(run_cell, *job, args) for job in jobs]
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                save(future.result(), out)
+            except RuntimeError as e:
+                failed += 1
+                print(e, file=sys.stderr, flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
