@@ -93,6 +93,10 @@ def device_info() -> dict[str, Any]:
     return info
 
 
+#: The files whose size is the model's (the free-space check).
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
 def stage_inputs(stage: Stage, recipe: Recipe) -> list[Input]:
     """What ``stage`` reads besides its section and the model (calibration data included)."""
     inputs = list(stage.inputs(recipe.base_dir))
@@ -287,6 +291,8 @@ class Runner:
                     recipe.model.dtype,
                 )
             resolved = models.resolve_source(recipe.model.source, recipe.base_dir)
+            if self.dir.writer:
+                self._check_free_space(resolved.path, previous)
             self.record.model = {
                 "source": resolved.source,
                 "path": str(resolved.path),
@@ -356,18 +362,57 @@ class Runner:
             self._save()
         log.info("run %s finished: %s", recipe.name, self.dir.run_json)
 
-    def _preflight(self, previous: RunRecord | None) -> None:
-        """Machine checks of stages that will run, before the model is even resolved."""
+    def _stages_to_run(self, previous: RunRecord | None) -> list[tuple[int, Stage]]:
+        """The stages this call will run (a resume keeps finished ones, unless changed)."""
         done = {s.index for s in (previous.stages if previous else []) if s.finished}
-        for i, stage in enumerate(self.recipe.stages):
-            if self.resume and i in done:
-                continue
+        return [(i, s) for i, s in enumerate(self.recipe.stages) if not (self.resume and i in done)]
+
+    def _preflight(self, previous: RunRecord | None) -> None:
+        """Machine checks of stages that will run, before the model is even resolved: their
+        own (``Stage.preflight``), then the hub for the hub datasets they read."""
+        pending = self._stages_to_run(previous)
+        hub = [
+            (stage.name, item.ref.split(":")[1])
+            for _, stage in pending
+            for item in stage_inputs(stage, self.recipe)
+            if item.kind == "reference" and item.ref.startswith("hub:")
+        ]
+        if hub:
+            reason = models.hub_unreachable_reason()
+            if reason:
+                what = ", ".join(f"'{name}' (stage {stage})" for stage, name in hub)
+                raise OptimizerError(
+                    f"hub dataset {what} cannot be loaded: {reason}. Point it at a local "
+                    ".jsonl/.txt file or a shipped dataset by name"
+                )
+        for i, stage in pending:
             try:
                 stage.preflight()
             except StageError as e:
                 self.record.stages[i].status = "failed"
                 self.record.stages[i].error = str(e)
                 raise StageFailed(stage.name, str(e)) from None
+
+    def _check_free_space(self, model_dir: Path, previous: RunRecord | None) -> None:
+        """Refuse a run whose outputs cannot fit: the stages' model-sized files
+        (``Stage.model_copies``) times the model's weight files, a lower bound (a float32 run
+        of a bf16 checkpoint writes twice that) checked before the model loads."""
+        weights = sum(
+            f.stat().st_size
+            for pattern in WEIGHT_PATTERNS
+            for f in model_dir.glob(pattern)
+            if f.is_file()
+        )
+        copies = sum(stage.model_copies() for _, stage in self._stages_to_run(previous))
+        need = int(weights * copies)
+        free = shutil.disk_usage(self.dir.path).free
+        if need > free:
+            gb = 1e9
+            raise OptimizerError(
+                f"{self.dir.path}: {free / gb:.2f} GB free, but the stages write at least "
+                f"{need / gb:.2f} GB ({copies:g} model-sized outputs of {weights / gb:.2f} GB "
+                "each); free space or choose another -o"
+            )
 
     def _reusable(self, old: StageRecord | None, stage: Stage, entry: StageRecord) -> bool:
         if not self.resume or old is None or old.name != stage.name or not old.finished:

@@ -141,6 +141,7 @@ def gate_artifact(request: GateRequest, *, capture: Capture = log_to_file) -> Ru
     run = RunDirectory(request.output)
     run.lock()
     try:
+        run.check_files()  # no symbolic links where the gate writes
         if request.force:
             if run.run_json.exists():  # replaced even when unreadable; other dirs are not ours
                 run.clear()

@@ -365,3 +365,20 @@ def test_folding_fake_quant_weights_keeps_the_logits(tiny_llama):
     linear = model.model.layers[0].mlp.down_proj
     assert not linear.weight_quantizer.is_enabled and linear.input_quantizer.is_enabled
     assert fold_fake_quant_weights(load_model(tiny_llama, "float32")) == 0  # nothing to fold
+
+
+def test_gate_refuses_a_logs_link_before_evaluating(
+    tiny_llama, tiny_suite, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("OPTIMIZER_CACHE_DIR", str(tmp_path / "cache"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "g"
+    out.mkdir()
+    (out / "logs").symlink_to(elsewhere)
+    rc, gate = gate_run(tiny_llama, tiny_llama, tiny_suite, out)
+    assert rc == 2 and gate is None
+    err = capsys.readouterr().err
+    assert f"{out / 'logs'} is a symbolic link" in err and "Traceback" not in err
+    assert not list(elsewhere.iterdir())
+    assert not (tmp_path / "cache" / "baselines").exists()  # refused before the baseline

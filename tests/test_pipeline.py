@@ -244,3 +244,42 @@ def test_bad_input_found_during_a_stage_exits_2(write_recipe, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "stage 'ptq'" in err and "num_samples x seq_len" in err and "Traceback" not in err
     assert read_run(tmp_path / "run")["status"] == "failed"
+
+
+def test_an_unreachable_hub_dataset_is_refused_before_the_model_loads(
+    write_recipe, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run_dir = tmp_path / "run"
+    rc = run_cli(write_recipe(), run_dir, "--set", "calibration.dataset=some-org/some-hub-set")
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "hub dataset 'some-org/some-hub-set' (stage ptq) cannot be loaded: HF_HUB_OFFLINE" in err
+    assert "Traceback" not in err
+    rec = read_run(run_dir)
+    assert (
+        rec["status"] == "failed" and "path" not in rec["model"]
+    )  # never resolved, let alone loaded
+    assert not (run_dir / "stages").exists()
+
+
+def test_a_run_that_cannot_fit_on_the_disk_is_refused_before_the_model_loads(
+    write_recipe, tmp_path, monkeypatch, capsys, tiny_llama
+):
+    import collections
+
+    import optimizer.pipeline as pipeline
+
+    weights = sum(f.stat().st_size for f in tiny_llama.glob("*.safetensors"))
+    usage = collections.namedtuple("usage", "total used free")
+    free = {"bytes": int(weights * 1.5)}  # the ptq stage's model fits, the export's two do not
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: usage(0, 0, free["bytes"]))
+    run_dir = tmp_path / "run"
+    assert run_cli(write_recipe(), run_dir) == 2
+    err = capsys.readouterr().err
+    assert "GB free, but the stages write at least" in err and "3 model-sized outputs" in err
+    assert "Traceback" not in err
+    assert [s["status"] for s in read_run(run_dir)["stages"]] == ["pending", "pending"]
+    assert not (run_dir / "stages").exists()
+    free["bytes"] = weights * 3  # exactly enough: the run goes through
+    assert run_cli(write_recipe(), tmp_path / "run2") == 0

@@ -24,6 +24,9 @@ class TrainingStage(Stage, TrainingConfig, DistillationLoss):
     transforms_model = True
     distributed = True
 
+    def model_copies(self) -> float:
+        return 2.0  # the saved model and a training checkpoint of it
+
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
         plan, problems = super().plan(prev, env)
         problems += training_problems(self, prev, env)

@@ -100,6 +100,12 @@ class Stage(BaseModel):
     def preflight(self) -> None:
         """Checks of this machine to run before any model loads (raise StageError)."""
 
+    def model_copies(self) -> float:
+        """How many model-sized files this stage writes, at least (the free-space check before
+        a run multiplies it by the model's weight bytes): the saved model after a stage that
+        changes it."""
+        return 1.0 if self.transforms_model else 0.0
+
     def artifacts(self, outputs: dict[str, dict[str, str]]) -> dict[str, str]:
         """``run.json["artifacts"]`` entries for committed ``outputs`` ({key: {path, sha256}})."""
         return {k: v["path"] for k, v in outputs.items() if k in self.artifact_keys}

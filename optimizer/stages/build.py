@@ -93,6 +93,9 @@ class Build(Stage):
         return value
 
     @model_validator(mode="after")
+    def model_copies(self) -> float:
+        return 1.0  # the engine
+
     def _sizes(self):
         if self.max_input_len > self.max_seq_len:
             raise ValueError(

@@ -91,6 +91,9 @@ class Export(Stage):
         False, description="unified HF checkpoint for TensorRT-LLM's PyTorch backend, vLLM, SGLang"
     )
 
+    def model_copies(self) -> float:
+        return float((self.trtllm_checkpoint is not None) + self.hf_checkpoint)
+
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
         plan, problems = super().plan(prev, env)
         if self.trtllm_checkpoint is None and not self.hf_checkpoint:

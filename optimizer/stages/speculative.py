@@ -122,6 +122,11 @@ class Speculative(Stage, TrainingConfig):
 
     # ------------------------------------------------------------------ validation
 
+    def model_copies(self) -> float:
+        # Medusa: base + heads as one checkpoint; draft_target: the draft (at most the
+        # model's size); EAGLE-3: a small head, but its training checkpoints hold the model.
+        return 1.0
+
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
         from optimizer import models
 
