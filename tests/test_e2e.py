@@ -189,4 +189,5 @@ def test_a_wrong_rope_base_in_the_export_fails_greedy_agreement(quickstart, tmp_
     bad_proc, wrong = agreement(bad, tmp_path / "gate-bad")
     assert good_proc.returncode == 0, (good, good_proc.stderr[-3000:])
     assert bad_proc.returncode == 3, (wrong, bad_proc.stderr[-3000:])
-    assert good - wrong >= 0.15, (good, wrong)
+    # measured: 0.45 vs 0.19 computing in float32, 0.34 vs 0.20 in bf16 (CPUs with AMX)
+    assert good - wrong >= 0.1, (good, wrong)

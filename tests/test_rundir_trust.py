@@ -125,6 +125,8 @@ SIGNAL_AT_STAGE = textwrap.dedent("""
         raise AssertionError("not interrupted")
 
     PTQ.run = die
+    # A job started in the background inherits SIGINT ignored; a terminal's Ctrl-C is not.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main(["run", sys.argv[1], "-o", sys.argv[2], "-q"]))
 """)
 

@@ -92,10 +92,10 @@ class Build(Stage):
             raise ValueError(problem)
         return value
 
-    @model_validator(mode="after")
     def model_copies(self) -> float:
         return 1.0  # the engine
 
+    @model_validator(mode="after")
     def _sizes(self):
         if self.max_input_len > self.max_seq_len:
             raise ValueError(
