@@ -481,8 +481,20 @@ def save_in_dtype(model, out: Path, dtype: str, compute_dtype: str) -> bool:
     """``save_pretrained`` in the artifact dtype, whatever the model computes in (see
     :func:`cast_to_storage`); True if the live model was rounded and must be reloaded."""
     changed = cast_to_storage(model, dtype, compute_dtype)
-    model.save_pretrained(out)
+    # transformers 5 saves fused MoE experts under their per-expert hub names by splitting
+    # every tensor of the experts module; ModelOpt's per-expert quantizer scalars cannot be
+    # split, so a quantized MoE is saved in the in-memory (fused) layout, which loads as is.
+    model.save_pretrained(out, save_original_format=not _has_quantized_fused_experts(model))
     return changed
+
+
+def _has_quantized_fused_experts(model) -> bool:
+    """ModelOpt's quantized fused experts: per-expert ``*_weight_quantizers`` lists."""
+    return any(
+        name.endswith("_weight_quantizers")
+        for module in model.modules()
+        for name, _ in module.named_children()
+    )
 
 
 #: Tokenizer loading arguments that say where and how files were fetched, not what the

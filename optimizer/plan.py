@@ -66,13 +66,26 @@ class ModelDims(_Frozen):
         tied = config.get("tie_word_embeddings")
         return cls(
             **values,
-            rope_scaling=bool(config.get("rope_scaling")),
+            rope_scaling=_scales_rope(config),
             tie_word_embeddings=tied if isinstance(tied, bool) else None,
         )
 
     def as_config(self) -> dict[str, Any]:
         """The dimensions as an HF-config-shaped dict (what the format checks read)."""
         return self.model_dump(exclude_none=True, exclude={"rope_scaling", "tie_word_embeddings"})
+
+
+def _scales_rope(config: dict[str, Any]) -> bool:
+    """Whether the config scales its rope: ``rope_scaling`` (transformers 4) or a
+    ``rope_parameters`` whose ``rope_type`` is not the default (transformers 5 saves only
+    that; Gemma 3 nests one per attention type)."""
+    if config.get("rope_scaling"):
+        return True
+    params = config.get("rope_parameters")
+    if not isinstance(params, dict):
+        return False
+    nested = [v for v in params.values() if isinstance(v, dict)] or [params]
+    return any(p.get("rope_type") not in (None, "default") for p in nested)
 
 
 class LayerFormat(_Frozen):

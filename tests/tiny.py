@@ -182,3 +182,71 @@ def run_killed_at(recipe: Path, run_dir: Path, stage: str):
         timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "2"},
     )
+
+
+#: Tiny configs of every family in optimizer/architectures.py (transformers 5 defaults that
+#: do not fit a 64-wide model are overridden: Mistral's and Qwen3's head_dim 128, Gemma's
+#: 256, Qwen3-MoE's 8 experts per token).
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"head_dim": 16, "sliding_window": None}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "gemma2": (
+        "Gemma2Config",
+        {"head_dim": 16, "sliding_window": 64, "query_pre_attn_scalar": 16},
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        {
+            "head_dim": 16,
+            "sliding_window": 64,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
+    "phi3": ("Phi3Config", {}),
+    "mixtral": (
+        "MixtralConfig",
+        {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        {
+            "head_dim": 16,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        },
+    ),
+}
+
+
+def make_tiny_family(path: Path, model_type: str, seed: int = 0) -> Path:
+    """Save a random 2-layer model of ``model_type`` (bf16 safetensors + tokenizer)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    tok = make_tokenizer()
+    cls, extra = FAMILY_CONFIGS[model_type]
+    config = getattr(transformers, cls)(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.config.architectures = [type(model).__name__]  # (from_config leaves it unset)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

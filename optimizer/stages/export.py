@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from optimizer import architectures
 from optimizer.formats import FORMATS, check_block_size, trtllm_layout_problems
 from optimizer.plan import (
     Environment,
@@ -99,7 +100,17 @@ class Export(Stage):
         if self.trtllm_checkpoint is None and not self.hf_checkpoint:
             problems.append(("", "exports nothing: enable trtllm_checkpoint or hf_checkpoint"))
         spec = self.trtllm_checkpoint
-        if spec is not None:
+        model_type = prev.dims.model_type if prev.dims is not None else None
+        family_problem = architectures.trtllm_checkpoint_problem(model_type)
+        if spec is not None and family_problem:
+            problems.append(("trtllm_checkpoint", family_problem))
+        if prev.quantization is not None and (
+            problem := architectures.moe_export_problem(
+                model_type, [f.format for f in prev.quantization.formats]
+            )
+        ):
+            problems.append(("", problem))
+        if spec is not None and not family_problem:  # (one message: no layout for no writer)
             if prev.quantization is not None:
                 problems += [
                     ("trtllm_checkpoint", m)
