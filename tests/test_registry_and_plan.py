@@ -180,3 +180,28 @@ def test_an_output_path_that_is_a_file_is_bad_input(tmp_path, write_recipe, caps
     assert main(["run", str(write_recipe()), "-o", str(target), "-q"]) == 2
     assert "is a file, not a run directory" in capsys.readouterr().err
     assert target.read_text() == "not a run directory"
+
+
+@pytest.mark.parametrize(
+    ("config", "scales"),
+    [
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, True),  # transformers 4
+        ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}}, True),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}, False),
+        (
+            {  # Gemma 3: one per attention type
+                "rope_parameters": {
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                    "full_attention": {"rope_type": "linear", "factor": 8.0},
+                }
+            },
+            True,
+        ),
+        ({"rope_parameters": {"sliding_attention": {"rope_type": "default"}}}, False),
+        ({}, False),
+    ],
+)
+def test_rope_scaling_is_read_from_either_transformers_generation(config, scales):
+    from optimizer.plan import ModelDims
+
+    assert ModelDims.from_config({"model_type": "llama", **config}).rope_scaling is scales
