@@ -12,6 +12,7 @@ from tiny import make_tiny_family, run_tiny_recipe
 
 from optimizer import architectures
 from optimizer.cli import main
+from optimizer.techniques.moe import routers
 
 torch = pytest.importorskip("torch")
 
@@ -192,3 +193,51 @@ def test_the_refusals_are_modelopts_own_limits(family_models, tmp_path):
 def test_the_readme_holds_the_generated_support_matrix():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert architectures.support_matrix() in readme
+
+
+def plant_a_dead_expert(src: Path, out: Path, expert: int = 3) -> Path:
+    """A copy of a tiny MoE whose router never picks ``expert``: every token's hidden state
+    gets a large constant component (embedding column 0), and the expert's router row
+    points against it."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(src, out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = 10.0
+        for router in routers(model).values():
+            router.weight[:, 0] = 0.0  # the other experts ignore the constant component
+            router.weight[expert, 0] = -100.0
+    model.to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("planted", [False, True])
+def test_experts_the_calibration_never_reached_are_reported(family_models, tmp_path, planted):
+    model = family_models["qwen3_moe"]
+    if planted:
+        model = plant_a_dead_expert(model, tmp_path / "dead")
+    assert run_tiny_recipe(tmp_path, model, ["ptq: {format: fp8}"], num_samples=4) == 0
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    moe = rec["stages"][0]["metrics"]["moe_calibration"]
+    assert moe["routers"] == 2 and moe["experts"] == 8
+    cold = ["model.layers.0.mlp.gate[3]", "model.layers.1.mlp.gate[3]"] if planted else []
+    assert moe["experts_without_tokens"] == cold
+    assert (moe["fewest_tokens"] == 0) is planted
+    log = (tmp_path / "run" / "logs" / "run.log").read_text()
+    assert ("2 of 8 experts received no calibration tokens" in log) is planted
+
+
+def test_a_dense_model_has_no_moe_calibration_entry(family_models, tmp_path):
+    assert run_tiny_recipe(tmp_path, family_models["qwen3"], ["ptq: {format: fp8}"]) == 0
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert "moe_calibration" not in rec["stages"][0]["metrics"]
+    assert routers_of(family_models["qwen3"]) == {}
+
+
+def routers_of(path):
+    from transformers import AutoModelForCausalLM
+
+    return routers(AutoModelForCausalLM.from_pretrained(path))

@@ -102,4 +102,14 @@ class PTQ(Stage, QuantizeConfig):
             metrics["quantized_layers"],
             metrics["calibration_seconds"],
         )
+        cold = (metrics.get("moe_calibration") or {}).get("experts_without_tokens")
+        if cold:
+            ctx.log.warning(
+                "%d of %d experts received no calibration tokens (first: %s): ModelOpt "
+                "calibrated their weight scales from their weights, but their activations were "
+                "never seen; more (or more varied) calibration data covers them",
+                len(cold),
+                metrics["moe_calibration"]["experts"],
+                cold[0],
+            )
         return StageResult(metrics=metrics)

@@ -123,12 +123,21 @@ class QuantizeConfig(BaseModel):
 
 
 def quantized_layers(model) -> list[str]:
-    """Names of the modules whose weight quantizer is enabled."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if getattr(getattr(module, "weight_quantizer", None), "is_enabled", False)
-    ]
+    """Names of the modules whose weight quantizer is enabled; fused MoE experts (ModelOpt's
+    per-expert ``<proj>_weight_quantizers``) count once per expert projection."""
+    names = []
+    for name, module in model.named_modules():
+        if getattr(getattr(module, "weight_quantizer", None), "is_enabled", False):
+            names.append(name)
+        for child, quantizers in module.named_children():
+            if child.endswith("_weight_quantizers"):
+                proj = child.removesuffix("_weight_quantizers")
+                names += [
+                    f"{name}.{e}.{proj}"
+                    for e, q in enumerate(quantizers)
+                    if getattr(q, "is_enabled", False)
+                ]
+    return names
 
 
 def quantize(
@@ -151,15 +160,22 @@ def quantize(
         problems = check_block_size(config.format, config.group_size, model.config.to_dict())
         if problems:
             raise OptimizerError("; ".join(problems))
+    from optimizer.techniques.moe import count_routed_tokens, coverage
+
     cfg = config.modelopt_config()
     t0 = time.time()
-    mtq.quantize(model, cfg, forward_loop)
+    with count_routed_tokens(model) as routed:
+        mtq.quantize(model, cfg, forward_loop)
     seconds = time.time() - t0
     algorithm = cfg.get("algorithm")
-    return {
+    summary = {
         "format": config.format or config.modelopt_recipe,
         "algorithm": algorithm.get("method") if isinstance(algorithm, dict) else algorithm,
         "kv_cache": config.kv_cache,
         "quantized_layers": len(quantized_layers(model)),
         "calibration_seconds": round(seconds, 3),
     }
+    moe = coverage(routed)
+    if moe is not None:
+        summary["moe_calibration"] = moe
+    return summary

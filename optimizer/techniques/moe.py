@@ -1,0 +1,81 @@
+"""Mixture-of-experts calibration coverage: how many calibration tokens each expert received.
+
+ModelOpt 0.47 quantizes transformers 5's fused experts with a weight quantizer per expert,
+calibrated from the expert's weights (so an expert that no calibration token reached still
+gets a weight scale), and one input quantizer per block, shared by its experts. What it does
+not say on transformers 5 is which experts the calibration data never reached (its own
+per-expert token count needs the per-expert modules of transformers 4): their activations
+were never seen, so their share of the block's input scale is a guess. This module counts
+the tokens each router sends to each expert, with forward hooks on the routers (transformers
+5's ``*TopKRouter`` modules return ``(logits, scores, indices)``), so the ptq stage can report
+the experts that got none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+
+def routers(model) -> dict[str, Any]:
+    """The model's expert routers by module name (empty for a dense model)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if type(module).__name__.endswith("TopKRouter")
+        and getattr(module, "weight", None) is not None
+        and module.weight.dim() == 2
+    }
+
+
+def _indices(output) -> Any:
+    """The routed expert indices in a router's output (its integer tensor)."""
+    import torch
+
+    items = output if isinstance(output, tuple) else (output,)
+    for item in reversed(items):
+        if isinstance(item, torch.Tensor) and not item.is_floating_point():
+            return item
+    return None
+
+
+@contextlib.contextmanager
+def count_routed_tokens(model) -> Iterator[dict[str, list[int]]]:
+    """Count, while in the context, the tokens each router sends to each of its experts:
+    ``{router name: [tokens of expert 0, 1, ...]}`` (filled in place)."""
+    import torch
+
+    counts: dict[str, list[int]] = {}
+    handles = []
+    for name, router in routers(model).items():
+        n = router.weight.shape[0]
+        counts[name] = [0] * n
+
+        def hook(module, args, output, name=name, n=n):
+            idx = _indices(output)
+            if idx is not None:
+                got = torch.bincount(idx.flatten().cpu(), minlength=n).tolist()
+                counts[name] = [a + b for a, b in zip(counts[name], got, strict=True)]
+
+        handles.append(router.register_forward_hook(hook))
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def coverage(counts: dict[str, list[int]]) -> dict[str, Any] | None:
+    """The summary the ptq stage records: experts, those without tokens, the fewest tokens."""
+    if not counts:
+        return None
+    cold = [f"{name}[{e}]" for name, per in counts.items() for e, c in enumerate(per) if c == 0]
+    every = [c for per in counts.values() for c in per]
+    return {
+        "routers": len(counts),
+        "experts": len(every),
+        "experts_without_tokens": cold,
+        "fewest_tokens": min(every),
+        "tokens_per_expert_median": sorted(every)[len(every) // 2],
+    }
