@@ -241,3 +241,32 @@ def routers_of(path):
     from transformers import AutoModelForCausalLM
 
     return routers(AutoModelForCausalLM.from_pretrained(path))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "tensor"),
+    [
+        ("gemma2", "model.layers.1.post_feedforward_layernorm.weight"),
+        ("gemma3_text", "model.layers.0.self_attn.q_norm.weight"),
+        ("phi3", "model.layers.1.self_attn.qkv_proj.weight_scale"),
+        ("mixtral", "model.layers.1.block_sparse_moe.experts.3.w2.weight"),
+        ("qwen3_moe", "model.layers.0.mlp.gate.weight"),
+    ],
+)
+def test_check_knows_each_familys_full_tensor_list(family_models, tmp_path, model_type, tensor):
+    """A unified export missing one tensor of its family's layout (a Gemma norm, Phi-3's
+    fused q/k/v scale, an expert, a router) is refused by `optimize check`."""
+    from safetensors.torch import load_file, save_file
+
+    from optimizer.unified.check import check_hf_checkpoint
+
+    stages = ["ptq: {format: fp8}", "export: {trtllm_checkpoint: null, hf_checkpoint: true}"]
+    assert run_tiny_recipe(tmp_path, family_models[model_type], stages) == 0
+    export = tmp_path / "run" / "hf_checkpoint"
+    assert check_hf_checkpoint(export) == []
+    weights = export / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors[tensor]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    problems = [p.message for p in check_hf_checkpoint(export)]
+    assert any(tensor in m for m in problems), problems

@@ -159,6 +159,19 @@ QUANT_SUFFIXES = frozenset(s for r in LINEAR_RULES.values() for s in r.tensors)
 
 
 @dataclass(frozen=True)
+class Experts:
+    """How a mixture-of-experts layer's tensors are named on disk (after ModelOpt's export,
+    which writes transformers 5's fused experts under their per-expert hub names)."""
+
+    #: The layer's MoE block: ``{block}.gate`` is the router, ``{block}.experts.E.*`` the experts.
+    block: str
+    #: (gate, up, down) projection names of one expert.
+    projections: tuple[str, str, str]
+    #: config key of one expert's width.
+    width_key: str
+
+
+@dataclass(frozen=True)
 class Decoder:
     """A decoder-only architecture whose full tensor list the checker can derive."""
 
@@ -166,15 +179,34 @@ class Decoder:
     qkv_bias: bool | str = "attention_bias"
     qk_norm: bool = False
     tie_default: bool = False
+    #: Norms per layer besides input_layernorm and post_attention_layernorm (Gemma's pair
+    #: around the feed-forward).
+    extra_norms: tuple[str, ...] = ()
+    #: Phi-3: q/k/v in one ``qkv_proj``, gate/up in one ``gate_up_proj``.
+    fused: bool = False
+    experts: Experts | None = None
 
 
-#: Architectures (config.json ``architectures[0]``) with HF Llama tensor names. Only the Llama
-#: row is exercised by real exports in the tests; the others follow transformers' modelling code.
+_GEMMA_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+#: Architectures (config.json ``architectures[0]``) whose tensor lists the checker derives;
+#: each row is exercised by a real ModelOpt export of a tiny model (tests/test_families.py).
 DECODERS: Mapping[str, Decoder] = {
     "LlamaForCausalLM": Decoder(),
     "MistralForCausalLM": Decoder(qkv_bias=False),
     "Qwen2ForCausalLM": Decoder(qkv_bias=True),
     "Qwen3ForCausalLM": Decoder(qk_norm=True),
+    "Gemma2ForCausalLM": Decoder(tie_default=True, extra_norms=_GEMMA_NORMS),
+    "Gemma3ForCausalLM": Decoder(qk_norm=True, tie_default=True, extra_norms=_GEMMA_NORMS),
+    "Phi3ForCausalLM": Decoder(qkv_bias=False, fused=True),
+    "MixtralForCausalLM": Decoder(
+        qkv_bias=False,
+        experts=Experts("block_sparse_moe", ("w1", "w3", "w2"), "intermediate_size"),
+    ),
+    "Qwen3MoeForCausalLM": Decoder(
+        qk_norm=True,
+        experts=Experts("mlp", ("gate_proj", "up_proj", "down_proj"), "moe_intermediate_size"),
+    ),
 }
 
 
@@ -506,6 +538,8 @@ def _dims(config: dict, decoder: Decoder) -> dict[str, Any] | None:
 
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     optional = ("num_key_value_heads", "head_dim", "intermediate_size")
+    if decoder.experts is not None:
+        optional += (decoder.experts.width_key, "num_local_experts", "num_experts")
     if not all(size(config.get(k)) for k in keys) or not all(
         config.get(k) is None or size(config[k]) for k in optional
     ):
@@ -514,21 +548,52 @@ def _dims(config: dict, decoder: Decoder) -> dict[str, Any] | None:
     kv = config.get("num_key_value_heads") or heads
     head = config.get("head_dim") or hidden // heads
     inter = config.get("intermediate_size") or 4 * hidden
+    if decoder.fused:
+        attention = {"self_attn.qkv_proj": ((heads + 2 * kv) * head, hidden)}
+        dense = {"mlp.gate_up_proj": (2 * inter, hidden)}
+    else:
+        attention = {
+            "self_attn.q_proj": (heads * head, hidden),
+            "self_attn.k_proj": (kv * head, hidden),
+            "self_attn.v_proj": (kv * head, hidden),
+        }
+        dense = {"mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden)}
+    attention["self_attn.o_proj"] = (hidden, heads * head)
+    dense["mlp.down_proj"] = (hidden, inter)
+    moe = None
+    if decoder.experts is not None:
+        e = decoder.experts
+        n = config.get("num_local_experts") or config.get("num_experts")
+        width = config.get(e.width_key)
+        if not n or not width:
+            return None
+        gate, up, down = e.projections
+        moe = {"router": (f"{e.block}.gate", n), "linears": {}}
+        for i in range(n):
+            x = f"{e.block}.experts.{i}"
+            moe["linears"] |= {
+                f"{x}.{gate}": (width, hidden),
+                f"{x}.{up}": (width, hidden),
+                f"{x}.{down}": (hidden, width),
+            }
     return {
         "layers": config["num_hidden_layers"],
         "vocab": config["vocab_size"],
         "hidden": hidden,
         "head": head,
-        "linears": {
-            "self_attn.q_proj": (heads * head, hidden),
-            "self_attn.k_proj": (kv * head, hidden),
-            "self_attn.v_proj": (kv * head, hidden),
-            "self_attn.o_proj": (hidden, heads * head),
-            "mlp.gate_proj": (inter, hidden),
-            "mlp.up_proj": (inter, hidden),
-            "mlp.down_proj": (hidden, inter),
-        },
+        "attention": attention,
+        "dense": dense,
+        "moe": moe,
     }
+
+
+def _moe_layer(config: dict, i: int) -> bool:
+    """Whether decoder layer ``i`` of an MoE config has experts (Qwen-MoE can keep some
+    layers dense: ``mlp_only_layers``, ``decoder_sparse_step``)."""
+    if i in (config.get("mlp_only_layers") or []):
+        return False
+    step = config.get("decoder_sparse_step") or 1
+    return isinstance(step, int) and step > 0 and (i + 1) % step == 0
 
 
 def _layout(config: dict, decoder: Decoder, dims: dict) -> tuple[dict, dict, bool]:
@@ -547,19 +612,25 @@ def _layout(config: dict, decoder: Decoder, dims: dict) -> tuple[dict, dict, boo
     }
     if not tied:
         linears["lm_head"] = (dims["vocab"], hidden)
+    qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj")
     for i in range(dims["layers"]):
         p = f"model.layers.{i}"
-        floats[f"{p}.input_layernorm.weight"] = [hidden]
-        floats[f"{p}.post_attention_layernorm.weight"] = [hidden]
+        for norm in ("input_layernorm", "post_attention_layernorm", *decoder.extra_norms):
+            floats[f"{p}.{norm}.weight"] = [hidden]
         if decoder.qk_norm:
             floats[f"{p}.self_attn.q_norm.weight"] = [head]
             floats[f"{p}.self_attn.k_norm.weight"] = [head]
-        for name, (out, inp) in dims["linears"].items():
+        moe = dims["moe"] if dims["moe"] is not None and _moe_layer(config, i) else None
+        layer = dims["attention"] | (moe["linears"] if moe else dims["dense"])
+        if moe:
+            router, n = moe["router"]
+            floats[f"{p}.{router}.weight"] = [n, hidden]  # kept in high precision
+        for name, (out, inp) in layer.items():
             linears[f"{p}.{name}"] = (out, inp)
             has_bias = (
-                (qkv_bias and name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+                (qkv_bias and name in qkv)
                 or (o_bias and name == "self_attn.o_proj")
-                or (mlp_bias and name.startswith("mlp."))
+                or (mlp_bias and name.startswith("mlp.") and not moe)
             )
             if has_bias:
                 floats[f"{p}.{name}.bias"] = [out]
