@@ -14,9 +14,8 @@ configs (tests/test_families.py keeps them true):
   export indexes experts one by one (``get_experts_list``) and crashes on them, so AWQ
   formats cannot be exported for an MoE model.
 - The unified checkpoint stores experts under per-expert hub names
-  (``experts.E.gate_proj``); the gate's rebuild (optimizer/unified/rebuild.py) maps names
-  1:1 onto the in-memory model and has no place for them yet, so an MoE export is gated as
-  the in-memory model (``evaluate: model``).
+  (``experts.E.gate_proj``); the gate's rebuild stacks them back into transformers' fused
+  experts (optimizer/unified/experts.py).
 """
 
 from __future__ import annotations
@@ -87,31 +86,20 @@ def moe_export_problem(model_type: str | None, formats: list[str]) -> str | None
     )
 
 
-def moe_rebuild_problem(model_type: str | None) -> str | None:
-    """Why the gate cannot rebuild this family's unified export (None: it can)."""
-    fam = family(model_type)
-    if fam is None or not fam.moe:
-        return None
-    return (
-        f"the rebuild of a unified checkpoint does not map {fam.name}'s per-expert tensors "
-        "onto transformers' fused experts yet"
-    )
-
-
 def support_matrix() -> str:
     """The family x target table of the README (tests/test_families.py checks that the README
     holds exactly this, and has a tiny-model test for every cell)."""
     yes, no = "✓", "✗"
     rows = [
-        "| family | `model_type` | PTQ -> unified HF checkpoint | AWQ formats | "
-        "TensorRT-LLM 1.2 checkpoint | gate on the export |",
-        "|---|---|---|---|---|---|",
+        "| family | `model_type` | PTQ -> unified HF checkpoint, gate on it | AWQ formats | "
+        "TensorRT-LLM 1.2 checkpoint |",
+        "|---|---|---|---|---|",
     ]
     for f in FAMILIES:
         types = ", ".join(f"`{t}`" for t in f.model_types)
         rows.append(
             f"| {f.name} | {types} | {yes} | {no if f.moe else yes} | "
-            f"{yes if f.trtllm_checkpoint else no} | {no + ' (evaluate: model)' if f.moe else yes} |"
+            f"{yes if f.trtllm_checkpoint else no} |"
         )
     return "\n".join(rows) + "\n"
 

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from optimizer import architectures
 from optimizer.errors import OptimizerError
 from optimizer.inputs import Input, checkpoint_input, dir_input, file_input, package_input
 from optimizer.plan import Environment, ModelPlan
@@ -97,12 +96,7 @@ class Gate(Stage):
         )
         quant = prev.quantization
         problem = None
-        moe = architectures.moe_rebuild_problem(prev.dims.model_type if prev.dims else None)
-        if evaluates_export and hf and moe:
-            problem = moe
-        elif (
-            evaluates_export and not hf and trtllm is not None and (trtllm.tp, trtllm.pp) != (1, 1)
-        ):
+        if evaluates_export and not hf and trtllm is not None and (trtllm.tp, trtllm.pp) != (1, 1):
             problem = (
                 f"a TensorRT-LLM checkpoint sharded tp {trtllm.tp} x pp {trtllm.pp} cannot be "
                 "rebuilt (export hf_checkpoint: true beside it, or tp: 1, pp: 1)"

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.errors import OptimizerError
+from optimizer.unified import experts
 
 log = logging.getLogger(__name__)
 
@@ -282,15 +283,55 @@ def _activation_hook(kind: str | None):
         pqs = getattr(module, "stored_pre_quant_scale", None)
         if pqs is not None:
             x = x * pqs.to(x.dtype)
-        if kind == "fp8":
-            x = fake_fp8(x, module.stored_input_scale)
-        elif kind == "int8":
-            x = fake_int8(x, module.stored_input_scale)
-        elif kind == "nvfp4":
-            x = fake_nvfp4(x, module.stored_input_scale)
+        if kind is not None:
+            x = fake_activation(kind, x, module.stored_input_scale)
         return (x, *args[1:])
 
     return hook
+
+
+def fake_activation(kind: str, x, scale):
+    """``x`` fake-quantized as a runtime quantizes a layer's input (``kind``: fp8, int8,
+    nvfp4) with the stored ``input_scale``."""
+    if kind == "fp8":
+        return fake_fp8(x, scale)
+    if kind == "int8":
+        return fake_int8(x, scale)
+    if kind == "nvfp4":
+        return fake_nvfp4(x, scale)
+    raise ValueError(f"unknown activation kind {kind!r}")
+
+
+def _read_quantized(path, scheme, tensors: dict[str, Any], name: str, consumed: set[str]):
+    """The dequantized weight of the stored quantized linear ``name``, its activation kind,
+    scalar ``input_scale`` and ``pre_quant_scale`` (None where the format has none)."""
+    prefix = f"{name}." if name else ""
+    algo = scheme.algo_of(name) if scheme else None
+    if algo is None:
+        raise OptimizerError(
+            f"{path}: {name} has quantized tensors but the quantization config does not "
+            "name its algorithm"
+        )
+    weight_kind, act_kind = ALGORITHMS[algo]
+    local = {}
+    for key in ("weight", *WEIGHT_TENSORS[weight_kind]):
+        if f"{prefix}{key}" not in tensors:
+            raise OptimizerError(f"{path}: {name} ({algo}) lacks {key}")
+        local[key] = tensors[f"{prefix}{key}"]
+        consumed.add(f"{prefix}{key}")
+    try:
+        weight = dequantize_weight(weight_kind, local, name)
+    except (RuntimeError, ValueError, IndexError) as e:  # malformed packed data
+        raise OptimizerError(f"{path}: {name} ({algo}) cannot be dequantized: {e}") from e
+    input_scale = tensors.get(f"{prefix}input_scale")
+    if act_kind is not None:
+        if input_scale is None or input_scale.numel() != 1:
+            raise OptimizerError(f"{path}: {name} ({algo}) lacks a scalar input_scale")
+        consumed.add(f"{prefix}input_scale")
+    pqs = tensors.get(f"{prefix}pre_quant_scale")
+    if pqs is not None:
+        consumed.add(f"{prefix}pre_quant_scale")
+    return weight, act_kind, input_scale if act_kind is not None else None, pqs
 
 
 # --------------------------------------------------------------------------- the model
@@ -374,47 +415,45 @@ def assemble(
     consumed: set[str] = set()
     quantized: set[str] = set()
     hooks = 0
+    if experts.fused_experts(model):
+        tensors = experts.rename_blocks(tensors, model)
+
+        def read_projection(name: str):
+            if f"{name}.weight_scale" not in tensors:  # an expert left unquantized
+                if f"{name}.weight" not in tensors:
+                    raise OptimizerError(f"{path}: the checkpoint lacks {name}.weight")
+                consumed.add(f"{name}.weight")
+                return tensors[f"{name}.weight"].to(target), None, None
+            weight, act_kind, input_scale, pqs = _read_quantized(
+                path, scheme, tensors, name, consumed
+            )
+            if pqs is not None:
+                raise OptimizerError(f"{path}: {name}: pre_quant_scale on an expert (AWQ on MoE)")
+            return weight, input_scale, act_kind
+
+        expert_state, hooks = experts.rebuild_experts(
+            model, tensors, read_projection, consumed, target, path
+        )
+        state.update(expert_state)
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if not isinstance(module, torch.nn.Linear) or f"{prefix}weight_scale" not in tensors:
             continue
-        algo = scheme.algo_of(name) if scheme else None
-        if algo is None:
-            raise OptimizerError(
-                f"{path}: {name} has quantized tensors but the quantization config does not "
-                "name its algorithm"
-            )
-        weight_kind, act_kind = ALGORITHMS[algo]
-        local = {}
-        for key in ("weight", *WEIGHT_TENSORS[weight_kind]):
-            if f"{prefix}{key}" not in tensors:
-                raise OptimizerError(f"{path}: {name} ({algo}) lacks {key}")
-            local[key] = tensors[f"{prefix}{key}"]
-            consumed.add(f"{prefix}{key}")
-        try:
-            weight = dequantize_weight(weight_kind, local, name)
-        except (RuntimeError, ValueError, IndexError) as e:  # malformed packed data
-            raise OptimizerError(f"{path}: {name} ({algo}) cannot be dequantized: {e}") from e
+        weight, act_kind, input_scale, pqs = _read_quantized(path, scheme, tensors, name, consumed)
         if tuple(weight.shape) != tuple(module.weight.shape):
             raise OptimizerError(
                 f"{path}: {name} dequantizes to {tuple(weight.shape)}, the architecture "
                 f"needs {tuple(module.weight.shape)}"
             )
         state[f"{prefix}weight"] = weight.to(target)
-        input_scale = tensors.get(f"{prefix}input_scale")
-        if act_kind is not None:
-            if input_scale is None or input_scale.numel() != 1:
-                raise OptimizerError(f"{path}: {name} ({algo}) lacks a scalar input_scale")
-            consumed.add(f"{prefix}input_scale")
+        if input_scale is not None:
             module.register_buffer("stored_input_scale", input_scale.float(), persistent=False)
-        pqs = tensors.get(f"{prefix}pre_quant_scale")
         if pqs is not None:
             if tuple(pqs.shape) != (module.in_features,):
                 raise OptimizerError(
                     f"{path}: {name}.pre_quant_scale {tuple(pqs.shape)}, the layer takes "
                     f"{module.in_features} inputs"
                 )
-            consumed.add(f"{prefix}pre_quant_scale")
             module.register_buffer("stored_pre_quant_scale", pqs.to(target), persistent=False)
         module.register_forward_pre_hook(_activation_hook(act_kind))
         quantized.add(name)
