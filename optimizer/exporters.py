@@ -29,8 +29,10 @@ def export_trtllm_checkpoint(model, out: Path, *, dtype: str, tp: int = 1, pp: i
         inference_tensor_parallel=tp,
         inference_pipeline_parallel=pp,
     )
-    # ModelOpt reads rope settings from attributes transformers 5 no longer sets.
+    # ModelOpt reads rope settings from attributes transformers 5 no longer sets, and writes
+    # no qwen_type / attn_bias for Qwen.
     trtllm.apply_rope_settings(out, model.config)
+    trtllm.apply_family_settings(out, model.config)
     problems = trtllm.check_checkpoint(out)
     if problems:
         raise RuntimeError(

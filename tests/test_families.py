@@ -288,3 +288,22 @@ def test_the_rebuilt_moe_export_computes_what_the_quantized_model_computes(
         tensors[k] = tensors[k] * 2
     save_file(tensors, weights, metadata={"format": "pt"})
     assert ratio() > 2.0  # measured 2.5 and more
+
+
+@pytest.mark.parametrize(("model_type", "bias"), [("qwen2", True), ("qwen3", False)])
+def test_qwen_tensorrt_llm_checkpoints_say_their_qwen_type(
+    family_models, tmp_path, model_type, bias
+):
+    """TensorRT-LLM's Qwen model builds from config.json's qwen_type (q/k layernorm for
+    qwen3) and attn_bias, which ModelOpt does not write: the export adds them, and the
+    checker refuses a Qwen checkpoint without them."""
+    from optimizer.trtllm import check_checkpoint
+
+    stages = ["ptq: {format: fp8}", "export: {}"]
+    assert run_tiny_recipe(tmp_path, family_models[model_type], stages) == 0
+    ckpt = tmp_path / "run" / "trtllm_checkpoint"
+    config = json.loads((ckpt / "config.json").read_text())
+    assert (config["qwen_type"], config["attn_bias"]) == (model_type, bias)
+    del config["qwen_type"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    assert any("qwen_type is None" in p.message for p in check_checkpoint(ckpt))

@@ -10,6 +10,7 @@ from optimizer.trtllm import facts
 from optimizer.trtllm.checkpoint import (
     HINTS,
     CheckProblem,
+    apply_family_settings,
     apply_rope_settings,
     check_checkpoint,
     kind_of,
@@ -48,6 +49,7 @@ __all__ = [
     "REQUIRED_CONFIG_KEYS",
     "CheckProblem",
     "LinearContract",
+    "apply_family_settings",
     "apply_rope_settings",
     "awq_layout_problems",
     "check_checkpoint",

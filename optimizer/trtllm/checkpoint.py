@@ -33,6 +33,7 @@ from optimizer.trtllm.facts import (
     NVFP4_BLOCK,
     QUANT_ALGOS,
     QUANTIZATION_KEYS,
+    QWEN_TYPES,
     REQUIRED_CONFIG_KEYS,
     TRTLLM,
     awq_group_problem,
@@ -94,6 +95,28 @@ def apply_rope_settings(checkpoint: Path, hf_config: Any) -> None:
     config = json.loads(path.read_text())
     if config.get("position_embedding_type", "rope_gpt_neox").startswith("rope"):
         config.update(rope_settings(hf_config))
+        path.write_text(json.dumps(config, indent=4) + "\n")
+
+
+def qwen_settings(hf_config: Any) -> dict[str, Any]:
+    """What TensorRT-LLM's Qwen model reads from config.json and ModelOpt 0.47's exporter
+    does not write: ``qwen_type`` (the model builds from it: q/k layernorm for qwen3, the
+    MLP layout; absent, the build fails) and ``attn_bias`` (QWenConfig defaults it to True,
+    right for Qwen2's biased q/k/v, wrong for Qwen3's). Empty for other families."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in QWEN_TYPES:
+        return {}
+    bias = True if model_type == "qwen2" else bool(getattr(hf_config, "attention_bias", False))
+    return {"qwen_type": model_type, "attn_bias": bias}
+
+
+def apply_family_settings(checkpoint: Path, hf_config: Any) -> None:
+    """Add :func:`qwen_settings` to an exported checkpoint's config.json."""
+    settings = qwen_settings(hf_config)
+    if settings:
+        path = checkpoint / "config.json"
+        config = json.loads(path.read_text())
+        config.update(settings)
         path.write_text(json.dumps(config, indent=4) + "\n")
 
 
@@ -204,6 +227,14 @@ def check_checkpoint(checkpoint: Path) -> list[CheckProblem]:
     for key in REQUIRED_CONFIG_KEYS:
         if key not in config:
             bad(f"config.json lacks required key '{key}'", "config")
+    if str(config.get("architecture", "")).startswith("Qwen"):
+        qwen_type = config.get("qwen_type")
+        if qwen_type not in QWEN_TYPES:
+            bad(
+                f"config.json qwen_type is {qwen_type!r}, not one of {', '.join(QWEN_TYPES)}: "
+                f"{TRTLLM}'s Qwen model builds from it",
+                "config",
+            )
     if "dtype" in config and config["dtype"] not in DTYPES:
         bad(f"config.json dtype {config['dtype']!r} is not one of {', '.join(DTYPES)}", "config")
 

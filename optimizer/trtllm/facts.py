@@ -76,6 +76,10 @@ REQUIRED_CONFIG_KEYS = (
 )
 #: config.json ``dtype`` values.
 DTYPES = ("float16", "bfloat16", "float32")
+#: ``qwen_type`` values of the dense Qwen decoders (QWenConfig reads it from config.json and
+#: QWenDecoderLayer builds from it: models/qwen/config.py, model.py); ModelOpt 0.47's manual
+#: config path does not write it.
+QWEN_TYPES = ("qwen2", "qwen3")
 #: The ``quantization`` block is parsed strictly (QuantConfig(**block)): other keys are errors.
 QUANTIZATION_KEYS = frozenset(
     {
