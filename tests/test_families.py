@@ -307,3 +307,43 @@ def test_qwen_tensorrt_llm_checkpoints_say_their_qwen_type(
     del config["qwen_type"]
     (ckpt / "config.json").write_text(json.dumps(config))
     assert any("qwen_type is None" in p.message for p in check_checkpoint(ckpt))
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_qwen_prunes_to_a_standard_checkpoint_that_exports_and_gates(
+    family_models, tmp_path, model_type, capsys
+):
+    """Every axis at once on Qwen's Llama-like layout (q/k/v biases, q/k norms): the pruned
+    model has exactly the target shapes, reloads with from_pretrained, computes finite
+    logits, and quantizes, exports validator-clean and gates."""
+    from transformers import AutoModelForCausalLM
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(SUITE)
+    stages = [
+        "prune: {ffn_hidden_size: 64, num_attention_heads: 2, num_key_value_heads: 1, "
+        "hidden_size: 48, num_layers: 1}",
+        "ptq: {format: fp8}",
+        "export: {hf_checkpoint: true}",
+        f"gate: {{suite: {suite}}}",
+    ]
+    assert run_tiny_recipe(tmp_path, family_models[model_type], stages) == 0, (
+        capsys.readouterr().err
+    )
+    run = tmp_path / "run"
+    pruned = AutoModelForCausalLM.from_pretrained(run / "stages" / "00-prune" / "model")
+    c = pruned.config
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (48, 64, 1)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (2, 1, 16)
+    attn = pruned.model.layers[0].self_attn
+    assert tuple(attn.q_proj.weight.shape) == (32, 48) and tuple(attn.k_proj.weight.shape) == (
+        16,
+        48,
+    )
+    if model_type == "qwen2":
+        assert tuple(attn.q_proj.bias.shape) == (32,) and tuple(attn.k_proj.bias.shape) == (16,)
+    else:
+        assert tuple(attn.q_norm.weight.shape) == (16,)
+    assert torch.isfinite(logits(pruned, IDS)).all()
+    for what in ("hf_checkpoint", "trtllm_checkpoint"):
+        assert main(["check", str(run / what)]) == 0, capsys.readouterr().out

@@ -59,8 +59,10 @@ from optimizer.errors import OptimizerError
 
 log = logging.getLogger(__name__)
 
-#: Model types with the Llama tensor layout (q/k/v/o, gate/up/down, two RMSNorms per layer).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+#: Model types with the Llama tensor layout (q/k/v/o, gate/up/down, two RMSNorms per layer;
+#: Qwen2's q/k/v biases are sliced with their rows, Qwen3's q/k norms act on head_dim, which
+#: pruning never changes).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 #: The axes ``params_fraction`` may shrink (recipe names, Megatron-style as ModelOpt's).
 Axis = Literal["ffn_hidden_size", "hidden_size", "num_attention_heads", "num_layers"]
 #: Recipe field -> HF config key.
@@ -353,13 +355,22 @@ def _check_structure(model) -> None:
         )
         for p in ps
         for t in ("weight", "bias")
-    } | {f"{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")}
+    } | {
+        f"{n}.weight"
+        for n in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "self_attn.q_norm",
+            "self_attn.k_norm",
+        )
+    }
     inner = model.model
     for i, layer in enumerate(inner.layers):
         for name, _ in layer.named_parameters():
             if name not in known:
                 raise OptimizerError(
-                    f"prune knows Llama decoder layers (q/k/v/o, gate/up/down, two norms); "
+                    f"prune knows Llama decoder layers (q/k/v/o, gate/up/down, two norms, "
+                    f"Qwen3's q/k norms); "
                     f"layer {i} also has {name}"
                 )
         for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
