@@ -12,7 +12,10 @@ configs (tests/test_families.py keeps them true):
   experts of transformers 5 are not iterable). The unified HF checkpoint works for all.
 - transformers 5 keeps MoE experts as fused 3D tensors; ModelOpt's AWQ re-smoothing at
   export indexes experts one by one (``get_experts_list``) and crashes on them, so AWQ
-  formats cannot be exported for an MoE model.
+  formats cannot be exported for an MoE model; its SmoothQuant leaves fused experts
+  unsmoothed (no ``pre_quant_scale``), it quantizes fused experts as a whole (an exclusion of
+  one projection is exported half-quantized), and its per-layer mixes name expert
+  projections nothing maps back.
 - The unified checkpoint stores experts under per-expert hub names
   (``experts.E.gate_proj``); the gate's rebuild stacks them back into transformers' fused
   experts (optimizer/unified/experts.py).
@@ -74,15 +77,62 @@ def trtllm_checkpoint_problem(model_type: str | None) -> str | None:
 
 
 def moe_export_problem(model_type: str | None, formats: list[str]) -> str | None:
-    """Why the unified export of an MoE model quantized as ``formats`` would fail."""
+    """Why the unified export of an MoE model quantized as ``formats`` would fail (or be
+    inconsistent)."""
     fam = family(model_type)
+    if fam is None or not fam.moe:
+        return None
     awq = [f for f in formats if "awq" in f]
-    if fam is None or not fam.moe or not awq:
+    if awq:
+        return (
+            f"{', '.join(awq)} cannot be exported for {fam.name}: ModelOpt 0.47's AWQ "
+            "re-smoothing at export indexes experts one by one, and transformers 5 fuses them; "
+            "use fp8 (or nvfp4 on a GPU)"
+        )
+    if "int8_sq" in formats:
+        return (
+            f"int8_sq on {fam.name}: ModelOpt 0.47 does not smooth fused experts, so their "
+            "export lacks the pre_quant_scale a W8A8 SmoothQuant layer needs; use fp8 (or "
+            "nvfp4 on a GPU)"
+        )
+    return None
+
+
+#: Names an expert projection of a fused MoE block has (on disk and in memory): an exclusion
+#: matching one cannot be kept by ModelOpt 0.47, which neither quantizes single projections
+#: of fused experts apart nor lists them in ``exclude_modules``.
+_EXPERT_NAMES = (
+    "model.layers.0.mlp.experts",
+    *(f"model.layers.0.mlp.experts.0.{p}" for p in ("gate_proj", "up_proj", "down_proj")),
+    *(f"model.layers.0.block_sparse_moe.experts.0.{p}" for p in ("w1", "w2", "w3")),
+)
+
+
+def moe_exclude_problem(model_type: str | None, patterns: list[str]) -> str | None:
+    """Why ``exclude`` globs that reach into an MoE model's experts cannot be honoured."""
+    from fnmatch import fnmatch
+
+    fam = family(model_type)
+    if fam is None or not fam.moe:
+        return None
+    hit = [p for p in patterns if any(fnmatch(n, p) for n in _EXPERT_NAMES)]
+    if not hit:
         return None
     return (
-        f"{', '.join(awq)} cannot be exported for {fam.name}: ModelOpt 0.47's AWQ re-smoothing "
-        "at export indexes experts one by one, and transformers 5 fuses them; use fp8, "
-        "nvfp4 or int8_sq"
+        f"{hit[0]!r} matches expert projections of {fam.name}: ModelOpt 0.47 quantizes "
+        "transformers 5's fused experts as a whole and would export them half-quantized; "
+        "exclude whole layers' attention or the lm_head instead"
+    )
+
+
+def moe_mixed_problem(model_type: str | None) -> str | None:
+    """Why a per-layer format mix (auto_quantize) is refused for an MoE model."""
+    fam = family(model_type)
+    if fam is None or not fam.moe:
+        return None
+    return (
+        f"auto_quantize on {fam.name} is not supported yet: its per-layer mix names expert "
+        "projections that the export and the gate's rebuild do not map onto fused experts"
     )
 
 

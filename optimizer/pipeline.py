@@ -93,8 +93,32 @@ def device_info() -> dict[str, Any]:
     return info
 
 
-#: The files whose size is the model's (the free-space check).
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+#: Weight files by preference: a checkpoint that ships several formats is counted once.
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pth", "*.pt", "*.gguf")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def weight_bytes(model_dir: Path, dtype: str) -> int:
+    """The model's weights in ``dtype`` (the free-space check): the size of one format of its
+    weight files (the safetensors index's total when there is one: hub repos also ship
+    ``consolidated.safetensors`` copies), scaled from the checkpoint's dtype."""
+    total = 0
+    index = model_dir / "model.safetensors.index.json"
+    try:
+        total = int(json.loads(index.read_text())["metadata"]["total_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        for pattern in WEIGHT_PATTERNS:
+            total = sum(f.stat().st_size for f in model_dir.glob(pattern) if f.is_file())
+            if total:
+                break
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+        stored = DTYPE_BYTES.get(config.get("dtype") or config.get("torch_dtype"))
+    except (OSError, ValueError, AttributeError):
+        stored = None
+    if stored and dtype in DTYPE_BYTES:
+        total = total * DTYPE_BYTES[dtype] // stored
+    return total
 
 
 def stage_inputs(stage: Stage, recipe: Recipe) -> list[Input]:
@@ -397,13 +421,12 @@ class Runner:
         """Refuse a run whose outputs cannot fit: the stages' model-sized files
         (``Stage.model_copies``) times the model's weight files, a lower bound (a float32 run
         of a bf16 checkpoint writes twice that) checked before the model loads."""
-        weights = sum(
-            f.stat().st_size
-            for pattern in WEIGHT_PATTERNS
-            for f in model_dir.glob(pattern)
-            if f.is_file()
+        weights = weight_bytes(model_dir, self.recipe.model.dtype)
+        plans = self.recipe.plans
+        copies = sum(
+            stage.model_copies(plans[i] if i < len(plans) else None)
+            for i, stage in self._stages_to_run(previous)
         )
-        copies = sum(stage.model_copies() for _, stage in self._stages_to_run(previous))
         need = int(weights * copies)
         free = shutil.disk_usage(self.dir.path).free
         if need > free:

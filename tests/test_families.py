@@ -5,6 +5,7 @@ ptq -> export -> check -> gate -> deploy here, and every unsupported one is refu
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,21 @@ def test_every_supported_cell_goes_through_the_pipeline(
                 "export: {trtllm_checkpoint: null, hf_checkpoint: true}",
             ],
             "stages[1].export: int4_awq cannot be exported for Mixtral",
+        ),
+        (
+            "qwen3_moe",
+            ["ptq: {format: int8_sq}", "export: {trtllm_checkpoint: null, hf_checkpoint: true}"],
+            "stages[1].export: int8_sq on Qwen3-MoE: ModelOpt 0.47 does not smooth fused experts",
+        ),
+        (
+            "mixtral",
+            ["ptq: {format: fp8, exclude: ['*down_proj*']}"],
+            "stages[0].ptq.exclude: '*down_proj*' matches expert projections of Mixtral",
+        ),
+        (
+            "qwen3_moe",
+            ["auto_quantize: {effective_bits: 6.0, formats: [fp8, int8_sq]}"],
+            "stages[0].auto_quantize: auto_quantize on Qwen3-MoE is not supported yet",
         ),
     ],
 )
@@ -347,3 +363,42 @@ def test_qwen_prunes_to_a_standard_checkpoint_that_exports_and_gates(
     assert torch.isfinite(logits(pruned, IDS)).all()
     for what in ("hf_checkpoint", "trtllm_checkpoint"):
         assert main(["check", str(run / what)]) == 0, capsys.readouterr().out
+
+
+def _tamper_expert_1(tensors):
+    del tensors["model.layers.0.mlp.experts.1.gate_proj.weight_scale"]
+    del tensors["model.layers.0.mlp.experts.1.gate_proj.input_scale"]
+
+
+def _mismatch_scales(tensors):
+    key = "model.layers.0.mlp.experts.2.up_proj.input_scale"
+    tensors[key] = tensors[key] * 4
+
+
+def _cut_up_proj(tensors):
+    key = "model.layers.1.mlp.experts.0.up_proj.weight"
+    tensors[key] = tensors[key][:, :56].contiguous()
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (_tamper_expert_1, "experts.1.gate_proj.weight is stored as torch.float8_e4m3fn without"),
+        (_mismatch_scales, "gate_proj and up_proj read the same input but store different"),
+        (_cut_up_proj, "experts.0.up_proj.weight is (64, 56), the architecture needs (64, 64)"),
+    ],
+)
+def test_a_damaged_moe_export_is_refused_by_the_rebuild(family_models, tmp_path, tamper, message):
+    from safetensors.torch import load_file, save_file
+
+    from optimizer.errors import OptimizerError
+    from optimizer.unified.rebuild import rebuild
+
+    stages = ["ptq: {format: fp8}", "export: {trtllm_checkpoint: null, hf_checkpoint: true}"]
+    assert run_tiny_recipe(tmp_path, family_models["qwen3_moe"], stages) == 0
+    weights = tmp_path / "run" / "hf_checkpoint" / "model.safetensors"
+    tensors = load_file(weights)
+    tamper(tensors)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(OptimizerError, match=re.escape(message)):
+        rebuild(tmp_path / "run" / "hf_checkpoint", "float32")

@@ -272,14 +272,35 @@ def test_a_run_that_cannot_fit_on_the_disk_is_refused_before_the_model_loads(
 
     weights = sum(f.stat().st_size for f in tiny_llama.glob("*.safetensors"))
     usage = collections.namedtuple("usage", "total used free")
-    free = {"bytes": int(weights * 1.5)}  # the ptq stage's model fits, the export's two do not
+    # ptq saves the model (1 copy), the FP8 export's two checkpoints are at least a quarter
+    # of it each: 1.5 copies; the ptq stage's model fits, the exports do not
+    free = {"bytes": int(weights * 1.2)}
     monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: usage(0, 0, free["bytes"]))
     run_dir = tmp_path / "run"
     assert run_cli(write_recipe(), run_dir) == 2
     err = capsys.readouterr().err
-    assert "GB free, but the stages write at least" in err and "3 model-sized outputs" in err
+    assert "GB free, but the stages write at least" in err and "1.5 model-sized outputs" in err
     assert "Traceback" not in err
     assert [s["status"] for s in read_run(run_dir)["stages"]] == ["pending", "pending"]
     assert not (run_dir / "stages").exists()
-    free["bytes"] = weights * 3  # exactly enough: the run goes through
+    free["bytes"] = int(weights * 1.5) + 1  # enough: the run goes through
     assert run_cli(write_recipe(), tmp_path / "run2") == 0
+
+
+def test_weights_are_counted_once_and_in_the_recipes_dtype(tmp_path):
+    import json as _json
+
+    from optimizer.pipeline import weight_bytes
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(_json.dumps({"dtype": "float32"}))
+    (d / "model.safetensors").write_bytes(b"x" * 4000)
+    (d / "pytorch_model.bin").write_bytes(b"x" * 4000)  # the same weights in another format
+    assert weight_bytes(d, "float32") == 4000
+    assert weight_bytes(d, "bfloat16") == 2000
+    (d / "consolidated.safetensors").write_bytes(b"x" * 4000)  # Mistral's second copy
+    (d / "model.safetensors.index.json").write_text(
+        _json.dumps({"metadata": {"total_size": 4000}, "weight_map": {}})
+    )
+    assert weight_bytes(d, "float32") == 4000

@@ -24,7 +24,7 @@ class TrainingStage(Stage, TrainingConfig, DistillationLoss):
     transforms_model = True
     distributed = True
 
-    def model_copies(self) -> float:
+    def model_copies(self, before: ModelPlan | None) -> float:
         return 2.0  # the saved model and a training checkpoint of it
 
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:

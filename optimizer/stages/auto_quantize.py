@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from optimizer import architectures
 from optimizer.formats import FORMATS, check_block_size
 from optimizer.plan import Environment, LayerFormat, ModelPlan, Quantization
 from optimizer.stages.base import Stage, StageProblem, StageResult
@@ -30,6 +31,10 @@ class AutoQuantize(Stage, AutoQuantizeConfig):
             problems.append(
                 ("", f"the model is already quantized by an earlier stage ({prev.quantization.by})")
             )
+        if problem := architectures.moe_mixed_problem(
+            prev.dims.model_type if prev.dims is not None else None
+        ):
+            problems.append(("", problem))
         for fmt in self.formats:
             if FORMATS[fmt].needs_gpu and env.gpu is False:
                 problems.append(("formats", f"{fmt} needs a CUDA GPU and this machine has none"))

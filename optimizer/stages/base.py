@@ -100,10 +100,10 @@ class Stage(BaseModel):
     def preflight(self) -> None:
         """Checks of this machine to run before any model loads (raise StageError)."""
 
-    def model_copies(self) -> float:
-        """How many model-sized files this stage writes, at least (the free-space check before
-        a run multiplies it by the model's weight bytes): the saved model after a stage that
-        changes it."""
+    def model_copies(self, before: ModelPlan | None) -> float:
+        """How many model-sized files this stage writes, at least, given the model ``before``
+        it (the free-space check before a run multiplies it by the model's weight bytes in
+        the recipe's dtype): the saved model after a stage that changes it."""
         return 1.0 if self.transforms_model else 0.0
 
     def artifacts(self, outputs: dict[str, dict[str, str]]) -> dict[str, str]:

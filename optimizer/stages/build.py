@@ -92,8 +92,9 @@ class Build(Stage):
             raise ValueError(problem)
         return value
 
-    def model_copies(self) -> float:
-        return 1.0  # the engine
+    def model_copies(self, before: ModelPlan | None) -> float:
+        # the engine: a quantized one is at least a quarter of the model (4-bit weights)
+        return 0.25 if before is not None and before.quantization is not None else 1.0
 
     @model_validator(mode="after")
     def _sizes(self):

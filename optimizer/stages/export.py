@@ -92,8 +92,10 @@ class Export(Stage):
         False, description="unified HF checkpoint for TensorRT-LLM's PyTorch backend, vLLM, SGLang"
     )
 
-    def model_copies(self) -> float:
-        return float((self.trtllm_checkpoint is not None) + self.hf_checkpoint)
+    def model_copies(self, before: ModelPlan | None) -> float:
+        # a quantized export is at least a quarter of the model (4-bit weights)
+        size = 0.25 if before is not None and before.quantization is not None else 1.0
+        return size * ((self.trtllm_checkpoint is not None) + self.hf_checkpoint)
 
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
         plan, problems = super().plan(prev, env)

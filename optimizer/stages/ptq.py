@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from optimizer import architectures
 from optimizer.errors import OptimizerError
 from optimizer.formats import FORMATS, check_block_size
 from optimizer.plan import Environment, LayerFormat, ModelPlan, Quantization
@@ -59,6 +60,9 @@ class PTQ(Stage, QuantizeConfig):
                 ("group_size" if self.group_size else "format", m)
                 for m in check_block_size(self.format, self.group_size, prev.config)
             ]
+        model_type = prev.dims.model_type if prev.dims is not None else None
+        if problem := architectures.moe_exclude_problem(model_type, list(self.exclude)):
+            problems.append(("exclude", problem))
         return plan.but(quantization=self._quantization()), problems
 
     def _quantization(self) -> Quantization:

@@ -122,7 +122,7 @@ class Speculative(Stage, TrainingConfig):
 
     # ------------------------------------------------------------------ validation
 
-    def model_copies(self) -> float:
+    def model_copies(self, before: ModelPlan | None) -> float:
         # Medusa: base + heads as one checkpoint; draft_target: the draft (at most the
         # model's size); EAGLE-3: a small head, but its training checkpoints hold the model.
         return 1.0

@@ -3,12 +3,14 @@
 ModelOpt 0.47 quantizes transformers 5's fused experts with a weight quantizer per expert,
 calibrated from the expert's weights (so an expert that no calibration token reached still
 gets a weight scale), and one input quantizer per block, shared by its experts. What it does
-not say on transformers 5 is which experts the calibration data never reached (its own
-per-expert token count needs the per-expert modules of transformers 4): their activations
-were never seen, so their share of the block's input scale is a guess. This module counts
-the tokens each router sends to each expert, with forward hooks on the routers (transformers
-5's ``*TopKRouter`` modules return ``(logits, scores, indices)``), so the ptq stage can report
-the experts that got none.
+not say on transformers 5 is which experts the calibration data never reached (it counts
+tokens per expert only in its sparse-MoE wrapper, which wraps transformers 5's fused blocks
+only with ``moe_calib_experts_ratio`` set): their activations were never seen, so their share
+of the block's input scale is a guess. This module counts the tokens each router sends to
+each expert, with forward hooks on the routers (transformers 5's ``*TopKRouter`` modules
+return ``(logits, scores, indices)``), so the ptq stage can report the experts that got
+none. The counts add up every forward pass of the calibration (algorithms that run the data
+more than once count it more than once): zero is what they tell exactly.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from optimizer.trtllm.facts import (
     QWEN_TYPES,
     REQUIRED_CONFIG_KEYS,
     TRTLLM,
+    TRTLLM_QWEN_TYPES,
     awq_group_problem,
     awq_layout_problems,
 )
@@ -227,12 +228,12 @@ def check_checkpoint(checkpoint: Path) -> list[CheckProblem]:
     for key in REQUIRED_CONFIG_KEYS:
         if key not in config:
             bad(f"config.json lacks required key '{key}'", "config")
-    if str(config.get("architecture", "")).startswith("Qwen"):
+    if str(config.get("architecture", "")).lower().startswith("qwen"):
         qwen_type = config.get("qwen_type")
-        if qwen_type not in QWEN_TYPES:
+        if qwen_type not in TRTLLM_QWEN_TYPES:
             bad(
-                f"config.json qwen_type is {qwen_type!r}, not one of {', '.join(QWEN_TYPES)}: "
-                f"{TRTLLM}'s Qwen model builds from it",
+                f"config.json qwen_type is {qwen_type!r}, not one of "
+                f"{', '.join(TRTLLM_QWEN_TYPES)}: {TRTLLM}'s Qwen model builds from it",
                 "config",
             )
     if "dtype" in config and config["dtype"] not in DTYPES:

@@ -80,6 +80,18 @@ DTYPES = ("float16", "bfloat16", "float32")
 #: QWenDecoderLayer builds from it: models/qwen/config.py, model.py); ModelOpt 0.47's manual
 #: config path does not write it.
 QWEN_TYPES = ("qwen2", "qwen3")
+#: Every ``qwen_type`` TensorRT-LLM 1.2's QWenConfig accepts (a checkpoint converted by
+#: TensorRT-LLM itself may carry any of them).
+TRTLLM_QWEN_TYPES = (
+    "qwen",
+    "qwen2",
+    "qwen2_moe",
+    "qwen2_llava_onevision",
+    "qwen2_vl",
+    "qwen2_audio",
+    "qwen3",
+    "qwen3_moe",
+)
 #: The ``quantization`` block is parsed strictly (QuantConfig(**block)): other keys are errors.
 QUANTIZATION_KEYS = frozenset(
     {

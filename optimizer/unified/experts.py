@@ -53,14 +53,20 @@ def disk_names(tensors: dict[str, Any], experts: str) -> tuple[str, tuple[str, s
 
 def rename_blocks(tensors: dict[str, Any], model) -> dict[str, Any]:
     """Plain tensors of aliased MoE blocks under their in-memory names (Mixtral's router:
-    ``block_sparse_moe.gate.weight`` -> ``mlp.gate.weight``)."""
+    ``block_sparse_moe.gate.weight`` -> ``mlp.gate.weight``); expert tensors keep their
+    on-disk names, which the quantization config's per-layer names and exclusions use."""
     modules = {n for n, _ in model.named_modules()}
     out = {}
     for key, value in tensors.items():
         for block, aliases in BLOCK_ALIASES.items():
             for alias in aliases:
                 tag = f".{alias}."
-                if alias != block and tag in key and key.split(tag)[0] + tag[:-1] not in modules:
+                if (
+                    alias != block
+                    and tag in key
+                    and ".experts." not in key
+                    and key.split(tag)[0] + tag[:-1] not in modules
+                ):
                     key = key.replace(tag, f".{block}.")
         out[key] = value
     return out
@@ -75,41 +81,54 @@ def rebuild_experts(
     path: Path,
 ) -> tuple[dict[str, Any], int]:
     """The fused parameters of every experts module (``{state key: tensor}``) and how many
-    expert projections were quantized. ``read_projection(disk_name)`` returns ``(weight,
-    input_scale or None, act_kind or None)`` for one stored linear and marks its tensors
-    consumed."""
+    expert projections were stored quantized. ``read_projection(disk_name)`` returns
+    ``(weight, input_scale or None, act_kind or None, quantized)`` for one stored linear and
+    marks its tensors consumed."""
     import torch
 
     state: dict[str, Any] = {}
     quantized = 0
     for name, module in fused_experts(model).items():
         prefix, (gate, up, down) = disk_names(tensors, name)
-        n = module.gate_up_proj.shape[0]
+        n, two_f, hidden = module.gate_up_proj.shape
+        f = two_f // 2
+        want = {gate: (f, hidden), up: (f, hidden), down: (hidden, f)}
         gate_up, downs, scales_in, scales_mid, kinds = [], [], [], [], set()
         for e in range(n):
-            g, s_g, k_g = read_projection(f"{prefix}.{e}.{gate}")
-            u, s_u, k_u = read_projection(f"{prefix}.{e}.{up}")
-            d, s_d, k_d = read_projection(f"{prefix}.{e}.{down}")
+            read = {}
+            for proj in (gate, up, down):
+                where = f"{prefix}.{e}.{proj}"
+                weight, scale, kind, stored_quantized = read_projection(where)
+                if tuple(weight.shape) != want[proj]:
+                    raise OptimizerError(
+                        f"{path}: {where}.weight is {tuple(weight.shape)}, the architecture "
+                        f"needs {want[proj]}"
+                    )
+                read[proj] = (weight, scale, kind)
+                kinds.add(kind)
+                quantized += stored_quantized
+            (g, s_g, _), (u, s_u, _), (d, s_d, _) = read[gate], read[up], read[down]
+            if s_g is not None and s_u is not None and not torch.equal(s_g, s_u):
+                # Runtimes fuse gate and up into one GEMM with one input scale.
+                raise OptimizerError(
+                    f"{path}: {prefix}.{e}: {gate} and {up} read the same input but store "
+                    f"different input_scales ({s_g.item():g}, {s_u.item():g})"
+                )
             gate_up.append(torch.cat([g, u], dim=0))
             downs.append(d)
-            # gate and up read the same input: one scale (ModelOpt shares the quantizer)
             scales_in.append(s_g if s_g is not None else s_u)
             scales_mid.append(s_d)
-            kinds |= {k_g, k_u, k_d}
-            quantized += sum(k is not None for k in (k_g, k_u, k_d)) or 0
-        fused = torch.stack(gate_up)
-        if tuple(fused.shape) != tuple(module.gate_up_proj.shape):
-            raise OptimizerError(
-                f"{path}: {prefix} experts stack to {tuple(fused.shape)}, the architecture "
-                f"needs {tuple(module.gate_up_proj.shape)}"
-            )
-        state[f"{name}.gate_up_proj"] = fused.to(target)
+        state[f"{name}.gate_up_proj"] = torch.stack(gate_up).to(target)
         state[f"{name}.down_proj"] = torch.stack(downs).to(target)
-        kinds.discard(None)
         if len(kinds) > 1:
-            raise OptimizerError(f"{path}: {prefix} mixes activation formats {sorted(kinds)}")
-        if kinds:
-            _fake_quant_inputs(module, kinds.pop(), scales_in, scales_mid)
+            # ModelOpt quantizes fused experts as a whole (architectures.moe_exclude_problem)
+            raise OptimizerError(
+                f"{path}: {prefix} mixes quantized and unquantized expert projections "
+                f"({', '.join(sorted(str(k) for k in kinds))})"
+            )
+        kind = kinds.pop()
+        if kind is not None:
+            _fake_quant_inputs(module, kind, scales_in, scales_mid)
     return state, quantized
 
 
@@ -135,6 +154,8 @@ def _fake_quant_inputs(module, kind: str, scales_in: list, scales_mid: list) -> 
             mask = mask.permute(2, 1, 0)
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
         for (e,) in hit.tolist():
+            if e == self.num_experts:  # the expert-parallel sentinel: not on this rank
+                continue
             pos, tok = torch.where(mask[e])
             x = fake_activation(kind, hidden_states[tok], self.stored_input_scales[e])
             g, u = torch.nn.functional.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)

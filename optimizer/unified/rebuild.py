@@ -419,17 +419,30 @@ def assemble(
         tensors = experts.rename_blocks(tensors, model)
 
         def read_projection(name: str):
-            if f"{name}.weight_scale" not in tensors:  # an expert left unquantized
-                if f"{name}.weight" not in tensors:
-                    raise OptimizerError(f"{path}: the checkpoint lacks {name}.weight")
+            """(weight, input_scale, activation kind, quantized) of one stored expert
+            projection, by its on-disk name."""
+            if f"{name}.weight" not in tensors:
+                raise OptimizerError(f"{path}: the checkpoint lacks {name}.weight")
+            if f"{name}.weight_scale" not in tensors:  # stored unquantized
+                weight = tensors[f"{name}.weight"]
+                if not weight.is_floating_point() or weight.element_size() == 1:
+                    raise OptimizerError(
+                        f"{path}: {name}.weight is stored as {weight.dtype} without the "
+                        "weight_scale that gives it meaning"
+                    )
+                if scheme is not None and scheme.algo_of(name) and not scheme.excluded(name):
+                    raise OptimizerError(
+                        f"{path}: {name} is neither quantized ({scheme.quant_algo} scales "
+                        "missing) nor in exclude_modules"
+                    )
                 consumed.add(f"{name}.weight")
-                return tensors[f"{name}.weight"].to(target), None, None
+                return weight.to(target), None, None, False
             weight, act_kind, input_scale, pqs = _read_quantized(
                 path, scheme, tensors, name, consumed
             )
             if pqs is not None:
                 raise OptimizerError(f"{path}: {name}: pre_quant_scale on an expert (AWQ on MoE)")
-            return weight, input_scale, act_kind
+            return weight, input_scale, act_kind, True
 
         expert_state, hooks = experts.rebuild_experts(
             model, tensors, read_projection, consumed, target, path
