@@ -402,3 +402,16 @@ def test_a_damaged_moe_export_is_refused_by_the_rebuild(family_models, tmp_path,
     save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(OptimizerError, match=re.escape(message)):
         rebuild(tmp_path / "run" / "hf_checkpoint", "float32")
+
+
+def test_an_moe_config_without_its_expert_count_is_named(family_models, tmp_path):
+    from optimizer.unified.check import check_hf_checkpoint
+
+    stages = ["ptq: {format: fp8}", "export: {trtllm_checkpoint: null, hf_checkpoint: true}"]
+    assert run_tiny_recipe(tmp_path, family_models["mixtral"], stages) == 0
+    config_file = tmp_path / "run" / "hf_checkpoint" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["num_local_experts"]
+    config_file.write_text(json.dumps(config))
+    (problem,) = check_hf_checkpoint(tmp_path / "run" / "hf_checkpoint")
+    assert "lacks the experts' count (num_local_experts / num_experts)" in problem.message

@@ -648,7 +648,14 @@ def _check_tensors(c: _Check, config: dict, quant: _Quant, headers: dict) -> Non
         c.bad(
             "config.json lacks a positive integer hidden_size, num_hidden_layers, "
             "num_attention_heads or vocab_size, or has a non-integer num_key_value_heads, "
-            f"head_dim or intermediate_size ({arch} needs them)",
+            "head_dim or intermediate_size"
+            + (
+                f", or lacks the experts' count (num_local_experts / num_experts) or width "
+                f"({decoder.experts.width_key})"
+                if decoder.experts
+                else ""
+            )
+            + f" ({arch} needs them)",
             "config",
         )
         return

@@ -76,6 +76,7 @@ def rebuild_experts(
     model,
     tensors: dict[str, Any],
     read_projection,
+    fake_activation,
     consumed: set[str],
     target,
     path: Path,
@@ -83,7 +84,8 @@ def rebuild_experts(
     """The fused parameters of every experts module (``{state key: tensor}``) and how many
     expert projections were stored quantized. ``read_projection(disk_name)`` returns
     ``(weight, input_scale or None, act_kind or None, quantized)`` for one stored linear and
-    marks its tensors consumed."""
+    marks its tensors consumed; ``fake_activation(kind, x, scale)`` is the rebuild's input
+    quantization (passed in: this module is part of the rebuild, not above it)."""
     import torch
 
     state: dict[str, Any] = {}
@@ -128,15 +130,13 @@ def rebuild_experts(
             )
         kind = kinds.pop()
         if kind is not None:
-            _fake_quant_inputs(module, kind, scales_in, scales_mid)
+            _fake_quant_inputs(module, kind, scales_in, scales_mid, fake_activation)
     return state, quantized
 
 
-def _fake_quant_inputs(module, kind: str, scales_in: list, scales_mid: list) -> None:
+def _fake_quant_inputs(module, kind: str, scales_in: list, scales_mid: list, fake_activation):
     """Give ``module`` the fused forward with each expert's inputs fake-quantized."""
     import torch
-
-    from optimizer.unified.rebuild import fake_activation
 
     module.register_buffer(
         "stored_input_scales", torch.stack([s.float().reshape(()) for s in scales_in]), False

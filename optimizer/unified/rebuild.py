@@ -445,7 +445,7 @@ def assemble(
             return weight, input_scale, act_kind, True
 
         expert_state, hooks = experts.rebuild_experts(
-            model, tensors, read_projection, consumed, target, path
+            model, tensors, read_projection, fake_activation, consumed, target, path
         )
         state.update(expert_state)
     for name, module in model.named_modules():
