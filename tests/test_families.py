@@ -415,3 +415,35 @@ def test_an_moe_config_without_its_expert_count_is_named(family_models, tmp_path
     config_file.write_text(json.dumps(config))
     (problem,) = check_hf_checkpoint(tmp_path / "run" / "hf_checkpoint")
     assert "lacks the experts' count (num_local_experts / num_experts)" in problem.message
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma2", "phi3", "qwen3_moe"])
+def test_sparsify_keeps_the_2_4_pattern_to_the_export(family_models, tmp_path, model_type):
+    """2:4 magnitude sparsity -> FP8 -> unified export: every sparsified linear's stored FP8
+    weight keeps two zeros in every group of four; an MoE's fused experts stay dense, and
+    the run says so."""
+    from safetensors.torch import load_file
+
+    stages = [
+        "sparsify: {method: magnitude}",
+        "ptq: {format: fp8}",
+        "export: {trtllm_checkpoint: null, hf_checkpoint: true}",
+    ]
+    assert run_tiny_recipe(tmp_path, family_models[model_type], stages) == 0
+    run = tmp_path / "run"
+    metrics = json.loads((run / "run.json").read_text())["stages"][0]["metrics"]
+    assert main(["check", str(run / "hf_checkpoint")]) == 0
+    tensors = load_file(run / "hf_checkpoint" / "model.safetensors")
+    linears = [k for k in tensors if k.endswith("proj.weight") and ".experts." not in k]
+    assert len(linears) == metrics["sparsified_layers"]
+    for key in linears:
+        groups = (tensors[key].float() == 0).reshape(-1, 4).sum(dim=1)
+        assert bool((groups >= 2).all()), key
+    log = (run / "logs" / "run.log").read_text()
+    if FAMILIES[model_type].moe:
+        assert len(metrics["dense_experts"]) == 2 and metrics["dense_expert_fraction"] > 0.1
+        assert "the experts of 2 MoE blocks" in log
+        expert = tensors["model.layers.0.mlp.experts.0.gate_proj.weight"].float()
+        assert (expert == 0).float().mean() < 0.1
+    else:
+        assert metrics["dense_experts"] == [] and "MoE blocks" not in log

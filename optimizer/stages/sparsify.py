@@ -91,4 +91,11 @@ class Sparsify(Stage, SparsifyConfig):
             metrics["seconds"],
             ", ".join(metrics["dense_layers"]) or "none",
         )
+        if metrics["dense_experts"]:
+            ctx.log.warning(
+                "the experts of %d MoE blocks (%.0f %% of the parameters) stay dense: ModelOpt "
+                "sparsifies nn.Linear layers, and transformers 5 fuses the experts",
+                len(metrics["dense_experts"]),
+                100 * metrics["dense_expert_fraction"],
+            )
         return StageResult(metrics=metrics)

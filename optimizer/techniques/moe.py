@@ -20,6 +20,20 @@ from collections.abc import Iterator
 from typing import Any
 
 
+def fused_experts(model) -> dict[str, Any]:
+    """The model's fused expert modules (transformers 5: ``gate_up_proj`` [E, 2F, H] and
+    ``down_proj`` [E, H, F] parameters) by name; empty for a dense model."""
+    import torch
+
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "gate_up_proj", None), torch.nn.Parameter)
+        and isinstance(getattr(m, "down_proj", None), torch.nn.Parameter)
+        and m.gate_up_proj.dim() == 3
+    }
+
+
 def routers(model) -> dict[str, Any]:
     """The model's expert routers by module name (empty for a dense model)."""
     return {

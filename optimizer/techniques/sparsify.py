@@ -208,11 +208,20 @@ def sparsify(model, config: SparsifyConfig, batches: list[Any] | None = None) ->
     modules = dict(model.named_modules())
     zeros = sum(int((modules[n].weight == 0).sum()) for n in targets)
     total = sum(modules[n].weight.numel() for n in targets)
+    from optimizer.techniques.moe import fused_experts
+
+    experts = fused_experts(model)
+    expert_params = sum(p.numel() for m in experts.values() for p in m.parameters())
     return {
         "method": config.method,
         "pattern": config.pattern,
         "sparsified_layers": len(targets),
         "dense_layers": [n for n in names if n not in set(targets)],
+        # ModelOpt sparsifies nn.Linear layers; transformers 5's fused experts are not
+        "dense_experts": sorted(experts),
+        "dense_expert_fraction": round(
+            expert_params / sum(p.numel() for p in model.parameters()), 4
+        ),
         "zero_fraction": round(zeros / total, 4),
         "seconds": round(seconds, 3),
     }

@@ -19,24 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.errors import OptimizerError
+from optimizer.techniques.moe import fused_experts
 
 #: On-disk (gate, up, down) projection names, in the order tried.
 PROJECTIONS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 #: On-disk name of an in-memory MoE block (Mixtral's hub checkpoints say block_sparse_moe).
 BLOCK_ALIASES = {"mlp": ("mlp", "block_sparse_moe")}
-
-
-def fused_experts(model) -> dict[str, Any]:
-    """The model's fused expert modules by name (empty for a dense model)."""
-    import torch
-
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(getattr(m, "gate_up_proj", None), torch.nn.Parameter)
-        and isinstance(getattr(m, "down_proj", None), torch.nn.Parameter)
-        and m.gate_up_proj.dim() == 3
-    }
 
 
 def disk_names(tensors: dict[str, Any], experts: str) -> tuple[str, tuple[str, str, str]]:
