@@ -67,6 +67,7 @@ WHEELS=(
   more-itertools=11.2.1
   defusedxml=0.7.1
   gguf=0.19.0
+  tenacity=9.2.1             # lm-eval[api] (the completions client for endpoint gates)
 )
 # sdists only on PyPI (pure Python): built here with pip wheel.
 SDISTS=(
