@@ -297,6 +297,7 @@ class Runner:
         self._save()
         try:
             self._preflight(previous)
+            self.record.startup = self._import_libraries(previous)
             device = device_info()
             compute = hardware.compute_dtype(
                 recipe.model.dtype, recipe.model.compute_dtype, cuda=device["cuda"]
@@ -416,6 +417,32 @@ class Runner:
                 self.record.stages[i].status = "failed"
                 self.record.stages[i].error = str(e)
                 raise StageFailed(stage.name, str(e)) from None
+
+    def _import_libraries(self, previous: RunRecord | None) -> dict[str, Any]:
+        """Import what the pending stages run on (torch, transformers, their ``imports``) and
+        time it: the fixed cost of a job, reported apart from the stages' own seconds."""
+        import importlib
+
+        wanted = ["torch", "transformers"]
+        for _, stage in self._stages_to_run(previous):
+            wanted += [m for m in stage.imports if m not in wanted]
+        seconds: dict[str, float | None] = {}
+        t0 = time.time()
+        for module in wanted:
+            t = time.time()
+            try:
+                importlib.import_module(module)
+            except ImportError:  # the stage that needs it says so, with its own message
+                seconds[module] = None
+                continue
+            seconds[module] = round(time.time() - t, 3)
+        total = round(time.time() - t0, 3)
+        log.info(
+            "imports: %.1f s (%s)",
+            total,
+            ", ".join(f"{m} {s:.1f} s" for m, s in seconds.items() if s is not None),
+        )
+        return {"seconds": total, "imports": seconds}
 
     def _check_free_space(self, model_dir: Path, previous: RunRecord | None) -> None:
         """Refuse a run whose outputs cannot fit: the stages' model-sized files

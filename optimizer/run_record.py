@@ -74,6 +74,8 @@ class RunRecord(_Record):
     recipe_sha256: str | None = None
     versions: dict[str, str | None] = Field(default_factory=dict)
     device: dict[str, Any] | None = None
+    #: Imports before the first stage: ``{"seconds": total, "imports": {module: seconds}}``.
+    startup: dict[str, Any] | None = None
     model: dict[str, Any] = Field(default_factory=dict)
     stages: list[StageRecord] = Field(default_factory=list)
     artifacts: dict[str, str] = Field(default_factory=dict)

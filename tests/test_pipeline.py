@@ -53,6 +53,15 @@ def test_run_json_contract(finished_run, tiny_llama):
         "bfloat16", "auto", cuda=torch.cuda.is_available()
     )
     assert rec["model"]["path"] == str(tiny_llama)
+    # the libraries the stages run on are imported (and timed) before the first stage
+    startup = rec["startup"]
+    assert list(startup["imports"]) == [
+        "torch",
+        "transformers",
+        "modelopt.torch.quantization",
+        "modelopt.torch.export",
+    ]
+    assert all(s >= 0 for s in startup["imports"].values()) and startup["seconds"] >= 0
     assert [(s["name"], s["status"]) for s in rec["stages"]] == [
         ("ptq", "success"),
         ("export", "success"),

@@ -23,6 +23,7 @@ class TrainingStage(Stage, TrainingConfig, DistillationLoss):
 
     transforms_model = True
     distributed = True
+    imports = ("modelopt.torch.quantization", "modelopt.torch.distill")
 
     def model_copies(self, before: ModelPlan | None) -> float:
         return 2.0  # the saved model and a training checkpoint of it

@@ -23,6 +23,7 @@ class AutoQuantize(Stage, AutoQuantizeConfig):
 
     name = "auto_quantize"
     transforms_model = True
+    imports = ("modelopt.torch.quantization",)
     needs_calibration = True
 
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:

@@ -64,6 +64,10 @@ class Stage(BaseModel):
     distributed: ClassVar[bool] = False
     #: Output keys that are user-facing artifacts (listed in ``run.json["artifacts"]``).
     artifact_keys: ClassVar[tuple[str, ...]] = ()
+    #: Heavy libraries the stage's run imports (beyond torch and transformers): the runner
+    #: imports them before the first stage and reports that time apart
+    #: (``run.json["startup"]``), so each stage's seconds are its own work.
+    imports: ClassVar[tuple[str, ...]] = ()
 
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
         """The model after this stage, and the problems visible before any model loads.

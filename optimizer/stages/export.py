@@ -83,6 +83,7 @@ class Export(Stage):
     name = "export"
     invalidates_model = True  # export_hf_checkpoint packs the weights of the live model
     artifact_keys = ("trtllm_checkpoint", "hf_checkpoint")
+    imports = ("modelopt.torch.export",)
 
     trtllm_checkpoint: TrtllmCheckpointSpec | None = Field(
         default_factory=TrtllmCheckpointSpec,

@@ -38,6 +38,7 @@ class Gate(Stage):
     name = "gate"
     feeds_later = False  # a verdict: no later stage reads it
     artifact_keys = ("gate", "report")
+    imports = ("lm_eval.evaluator",)
 
     suite: str = Field(
         description="suite YAML (tasks, metrics, limits, thresholds), relative to the recipe"

@@ -38,6 +38,7 @@ class Prune(Stage, PruneConfig):
 
     name = "prune"
     transforms_model = True
+    imports = ("modelopt.torch.prune",)
     needs_calibration = True
 
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:

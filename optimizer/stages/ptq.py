@@ -25,6 +25,7 @@ class PTQ(Stage, QuantizeConfig):
 
     name = "ptq"
     transforms_model = True
+    imports = ("modelopt.torch.quantization",)
     needs_calibration = True
 
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:

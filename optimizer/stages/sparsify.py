@@ -33,6 +33,7 @@ class Sparsify(Stage, SparsifyConfig):
 
     name = "sparsify"
     transforms_model = True
+    imports = ("modelopt.torch.sparsity",)
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]

@@ -90,6 +90,7 @@ class Speculative(Stage, TrainingConfig):
     name = "speculative"
     invalidates_model = True
     artifact_keys = ("draft", "trtllm_checkpoint")
+    imports = ("modelopt.torch.speculative",)
 
     method: Literal["eagle3", "medusa", "draft_target"] = "eagle3"
     draft_len: Annotated[int, Field(ge=1, le=16)] = Field(
