@@ -286,6 +286,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "status": outcome.record.status,
                 "run_json": str(outcome.run_dir / "run.json"),
                 "artifacts": outcome.record.artifacts,
+                # where the time went: imports apart from each stage's own work
+                "seconds": {
+                    "startup": (outcome.record.startup or {}).get("seconds"),
+                    **{
+                        f"{s.index:02d}-{s.name}": s.seconds
+                        for s in outcome.record.stages
+                        if s.seconds is not None
+                    },
+                },
             }
         )
     )

@@ -104,4 +104,8 @@ def test_run_prints_machine_readable_summary(write_recipe, tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["status"] == "success"
     assert set(summary["artifacts"]) == {"trtllm_checkpoint", "hf_checkpoint"}
+    # a fresh process pays the imports once, before the stages: not inside ptq's seconds
+    seconds = summary["seconds"]
+    assert set(seconds) == {"startup", "00-ptq", "01-export"}
+    assert seconds["startup"] > seconds["00-ptq"], seconds
     assert "[1/2]" not in proc.stderr  # quiet: no progress chatter
