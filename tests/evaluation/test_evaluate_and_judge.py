@@ -162,11 +162,13 @@ def test_optimize_gate_run_json(tiny_llama, arc_suite, tmp_path, monkeypatch, ca
         "recipe_sha256",
         "versions",
         "device",
+        "startup",  # (the runner's import timing; None for optimize gate)
         "model",
         "stages",
         "artifacts",
         "error",
     ]
+    assert record["startup"] is None
     assert (record["name"], record["recipe_file"], record["overrides"], record["error"]) == (
         "gate",
         None,
