@@ -310,26 +310,8 @@ class Speculative(Stage, TrainingConfig):
                 [round(x, 3) for x in r.acceptance_rate_by_position],
                 f"{r.speedup:.2f}x" if r.speedup else "not measured",
             )
-        mismatched = {k: r for k, r in reports.items() if r.matches_greedy is False}
-        if mismatched and ctx.state.compute_dtype == "float32":
-            raise OptimizerError(
-                "speculative decoding changed the output against plain greedy decoding in "
-                "float32 (draft_len "
-                + ", ".join(str(k) for k in mismatched)
-                + "): the verification is not exact on this model; report it"
-            )
-        for k, r in mismatched.items():
-            # bf16/fp16: a (k+1)-token verification forward rounds differently from a
-            # one-token forward, so near-ties flip; serving engines verify the same way.
-            ctx.log.warning(
-                "draft_len %d: %d of %d generations equal plain greedy decoding in %s (a "
-                "batched verification forward rounds differently from a one-token forward; "
-                "exactness holds in float32)",
-                k,
-                r.prompts_matching_greedy,
-                r.prompts,
-                ctx.state.compute_dtype,
-            )
+        for warning in greedy_mismatches(reports, ctx.state.compute_dtype):
+            ctx.log.warning("%s", warning)
         if self.method == "draft_target":
             out = ctx.new_output("draft")
             models.save_in_dtype(draft_model, out, ctx.state.dtype, ctx.state.compute_dtype)
@@ -355,6 +337,26 @@ class Speculative(Stage, TrainingConfig):
                 f"{report.mean_acceptance_length:.3f} < min_acceptance_length {floor}"
             )
         return result
+
+
+def greedy_mismatches(reports: dict, compute_dtype: str) -> list[str]:
+    """Warnings for the draft lengths whose outputs left plain greedy decoding; in float32,
+    where verification is exact (the CPU tests), an OptimizerError instead. In bf16/fp16 a
+    (k+1)-token verification forward rounds differently from a one-token forward, so a
+    near-tie flips a token: serving engines verify the same way."""
+    mismatched = {k: r for k, r in reports.items() if r.matches_greedy is False}
+    if mismatched and compute_dtype == "float32":
+        raise OptimizerError(
+            "speculative decoding changed the output against plain greedy decoding in float32 "
+            f"(draft_len {', '.join(str(k) for k in mismatched)}): the verification is not "
+            "exact on this model; report it"
+        )
+    return [
+        f"draft_len {k}: {r.prompts_matching_greedy} of {r.prompts} generations equal plain "
+        f"greedy decoding in {compute_dtype} (a batched verification forward rounds "
+        "differently from a one-token forward; exactness holds in float32)"
+        for k, r in mismatched.items()
+    ]
 
 
 def _set_max_draft_len(checkpoint: Path, draft_len: int) -> None:

@@ -157,3 +157,31 @@ def test_killed_after_the_stage_resumes_without_retraining(tiny_llama, tmp_path)
     # training is seeded and the export deterministic: the same draft, the same checkpoint
     assert sha256_tree(run_dir / "draft") == sha256_tree(ref / "draft")
     assert sha256_tree(run_dir / "hf_checkpoint") == sha256_tree(ref / "hf_checkpoint")
+
+
+def test_outputs_that_left_greedy_fail_in_float32_and_warn_in_bf16():
+    from optimizer.errors import OptimizerError
+    from optimizer.stages.speculative import greedy_mismatches
+    from optimizer.techniques.speculation import AcceptanceReport
+
+    def report(k, matching):
+        return AcceptanceReport(
+            draft_len=k,
+            prompts=32,
+            steps=10,
+            generated_tokens=40,
+            mean_acceptance_length=2.0,
+            acceptance_rate_by_position=[0.5] * k,
+            matches_greedy=matching == 32,
+            prompts_matching_greedy=matching,
+        )
+
+    exact = {5: report(5, 32), 3: report(3, 32)}
+    assert greedy_mismatches(exact, "float32") == greedy_mismatches(exact, "bfloat16") == []
+    flipped = {5: report(5, 19), 3: report(3, 32)}
+    with pytest.raises(OptimizerError, match=r"in float32 \(draft_len 5\)"):
+        greedy_mismatches(flipped, "float32")
+    (warning,) = greedy_mismatches(flipped, "bfloat16")
+    assert warning.startswith(
+        "draft_len 5: 19 of 32 generations equal plain greedy decoding in bfloat16"
+    )
