@@ -76,11 +76,17 @@ def trtllm_checkpoint_problem(model_type: str | None) -> str | None:
     )
 
 
+def _moe(model_type: str | None) -> Family | None:
+    """The family of ``model_type`` if it is a mixture of experts."""
+    fam = family(model_type)
+    return fam if fam is not None and fam.moe else None
+
+
 def moe_export_problem(model_type: str | None, formats: list[str]) -> str | None:
     """Why the unified export of an MoE model quantized as ``formats`` would fail (or be
     inconsistent)."""
-    fam = family(model_type)
-    if fam is None or not fam.moe:
+    fam = _moe(model_type)
+    if fam is None:
         return None
     awq = [f for f in formats if "awq" in f]
     if awq:
@@ -112,8 +118,8 @@ def moe_exclude_problem(model_type: str | None, patterns: list[str]) -> str | No
     """Why ``exclude`` globs that reach into an MoE model's experts cannot be honoured."""
     from fnmatch import fnmatch
 
-    fam = family(model_type)
-    if fam is None or not fam.moe:
+    fam = _moe(model_type)
+    if fam is None:
         return None
     hit = [p for p in patterns if any(fnmatch(n, p) for n in _EXPERT_NAMES)]
     if not hit:
@@ -127,8 +133,8 @@ def moe_exclude_problem(model_type: str | None, patterns: list[str]) -> str | No
 
 def moe_mixed_problem(model_type: str | None) -> str | None:
     """Why a per-layer format mix (auto_quantize) is refused for an MoE model."""
-    fam = family(model_type)
-    if fam is None or not fam.moe:
+    fam = _moe(model_type)
+    if fam is None:
         return None
     return (
         f"auto_quantize on {fam.name} is not supported yet: its per-layer mix names expert "

@@ -484,17 +484,9 @@ def save_in_dtype(model, out: Path, dtype: str, compute_dtype: str) -> bool:
     # transformers 5 saves fused MoE experts under their per-expert hub names by splitting
     # every tensor of the experts module; ModelOpt's per-expert quantizer scalars cannot be
     # split, so a quantized MoE is saved in the in-memory (fused) layout, which loads as is.
-    model.save_pretrained(out, save_original_format=not _has_quantized_fused_experts(model))
+    fused_quantized = any(n.endswith("_weight_quantizers") for n, _ in model.named_modules())
+    model.save_pretrained(out, save_original_format=not fused_quantized)
     return changed
-
-
-def _has_quantized_fused_experts(model) -> bool:
-    """ModelOpt's quantized fused experts: per-expert ``*_weight_quantizers`` lists."""
-    return any(
-        name.endswith("_weight_quantizers")
-        for module in model.modules()
-        for name, _ in module.named_children()
-    )
 
 
 #: Tokenizer loading arguments that say where and how files were fetched, not what the

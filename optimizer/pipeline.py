@@ -95,7 +95,6 @@ def device_info() -> dict[str, Any]:
 
 #: Weight files by preference: a checkpoint that ships several formats is counted once.
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pth", "*.pt", "*.gguf")
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def weight_bytes(model_dir: Path, dtype: str) -> int:
@@ -113,11 +112,10 @@ def weight_bytes(model_dir: Path, dtype: str) -> int:
                 break
     try:
         config = json.loads((model_dir / "config.json").read_text())
-        stored = DTYPE_BYTES.get(config.get("dtype") or config.get("torch_dtype"))
-    except (OSError, ValueError, AttributeError):
-        stored = None
-    if stored and dtype in DTYPE_BYTES:
-        total = total * DTYPE_BYTES[dtype] // stored
+        stored = models.torch_dtype(config.get("dtype") or config.get("torch_dtype"))
+        total = total * models.torch_dtype(dtype).itemsize // stored.itemsize
+    except (OSError, ValueError, AttributeError, KeyError):
+        pass  # no config.json dtype: the files' size as they are
     return total
 
 

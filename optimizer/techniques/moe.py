@@ -34,6 +34,22 @@ def fused_experts(model) -> dict[str, Any]:
     }
 
 
+def quantized_expert_projections(model) -> list[str]:
+    """``<experts>.<e>.<proj>`` of every expert projection ModelOpt quantizes (its fused
+    experts carry a ``<proj>_weight_quantizers`` list, one per expert)."""
+    names = []
+    for name, module in model.named_modules():
+        for child, quantizers in module.named_children():
+            if child.endswith("_weight_quantizers"):
+                proj = child.removesuffix("_weight_quantizers")
+                names += [
+                    f"{name}.{e}.{proj}"
+                    for e, q in enumerate(quantizers)
+                    if getattr(q, "is_enabled", False)
+                ]
+    return names
+
+
 def routers(model) -> dict[str, Any]:
     """The model's expert routers by module name (empty for a dense model)."""
     return {

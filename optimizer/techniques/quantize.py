@@ -125,19 +125,14 @@ class QuantizeConfig(BaseModel):
 def quantized_layers(model) -> list[str]:
     """Names of the modules whose weight quantizer is enabled; fused MoE experts (ModelOpt's
     per-expert ``<proj>_weight_quantizers``) count once per expert projection."""
-    names = []
-    for name, module in model.named_modules():
-        if getattr(getattr(module, "weight_quantizer", None), "is_enabled", False):
-            names.append(name)
-        for child, quantizers in module.named_children():
-            if child.endswith("_weight_quantizers"):
-                proj = child.removesuffix("_weight_quantizers")
-                names += [
-                    f"{name}.{e}.{proj}"
-                    for e, q in enumerate(quantizers)
-                    if getattr(q, "is_enabled", False)
-                ]
-    return names
+    from optimizer.techniques.moe import quantized_expert_projections
+
+    names = [
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(module, "weight_quantizer", None), "is_enabled", False)
+    ]
+    return names + quantized_expert_projections(model)
 
 
 def quantize(

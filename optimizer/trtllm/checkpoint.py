@@ -92,10 +92,24 @@ def rope_settings(hf_config: Any) -> dict[str, Any]:
 
 
 def apply_rope_settings(checkpoint: Path, hf_config: Any) -> None:
+    """Add :func:`rope_settings` to an exported checkpoint's config.json (rope models)."""
+    _update_config(
+        checkpoint,
+        lambda config: (
+            rope_settings(hf_config)
+            if config.get("position_embedding_type", "rope_gpt_neox").startswith("rope")
+            else {}
+        ),
+    )
+
+
+def _update_config(checkpoint: Path, changes) -> None:
+    """Merge ``changes(config)`` into ``checkpoint``'s config.json (unwritten when empty)."""
     path = checkpoint / "config.json"
     config = json.loads(path.read_text())
-    if config.get("position_embedding_type", "rope_gpt_neox").startswith("rope"):
-        config.update(rope_settings(hf_config))
+    update = changes(config)
+    if update:
+        config.update(update)
         path.write_text(json.dumps(config, indent=4) + "\n")
 
 
@@ -113,12 +127,7 @@ def qwen_settings(hf_config: Any) -> dict[str, Any]:
 
 def apply_family_settings(checkpoint: Path, hf_config: Any) -> None:
     """Add :func:`qwen_settings` to an exported checkpoint's config.json."""
-    settings = qwen_settings(hf_config)
-    if settings:
-        path = checkpoint / "config.json"
-        config = json.loads(path.read_text())
-        config.update(settings)
-        path.write_text(json.dumps(config, indent=4) + "\n")
+    _update_config(checkpoint, lambda config: qwen_settings(hf_config))
 
 
 # --------------------------------------------------------------------------- the check
