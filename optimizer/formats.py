@@ -152,6 +152,22 @@ def _set_weight_block(cfg: dict[str, Any], block: int) -> None:
                 attr["block_sizes"] = {**attr["block_sizes"], -1: block}
 
 
+#: Stored bits per weight element before block scales (``none``: 16-bit storage).
+_ELEMENT_BITS = {"fp8": 8, "fp8_pc_pt": 8, "int8_sq": 8, "int8_wo": 8, "none": 16}
+
+
+def bits_per_weight(fmt: str, group_size: int | None) -> float:
+    """Effective stored bits per weight of ``fmt``: element bits plus its block scales (a
+    16-bit scale per int4 group, an FP8 scale per NVFP4 block of 16); per-tensor and
+    per-channel scales are negligible."""
+    if fmt in _ELEMENT_BITS:
+        return float(_ELEMENT_BITS[fmt])
+    spec = FORMATS[fmt]
+    block = group_size or spec.block_size or 0
+    scale_bits = 8 if fmt.startswith(("nvfp4", "w4a16_nvfp4")) else 16
+    return 4.0 + (scale_bits / block if block else 0.0)
+
+
 def build_config(
     fmt: str,
     *,

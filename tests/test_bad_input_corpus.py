@@ -502,7 +502,66 @@ IMAGE_CASES = [
     ),
 ]
 
-CASES += SPARSIFY_CASES + PRUNE_CASES + SPECULATIVE_CASES + IMAGE_CASES
+#: The ``search`` stage: its candidate, fallback, budget and suite.
+SEARCH_CASES = [
+    (
+        "search-without-format",
+        "  - search: {{modelopt_recipe: general/ptq/fp8_default-kv_fp8, suite: quick}}\n",
+        "search needs `format` (a simple name), not a modelopt_recipe",
+    ),
+    (
+        "search-fallback-lower-than-format",
+        "  - search: {{format: fp8, fallback: int4_awq, suite: quick}}\n",
+        "fallback int4_awq keeps no more bits than fp8",
+    ),
+    (
+        "search-fallback-calibrated-otherwise",
+        "  - search: {{format: int4_awq, fallback: int8_sq, suite: quick}}\n",
+        "fallback int8_sq calibrates with smoothquant, which would re-calibrate the whole model",
+    ),
+    (
+        "search-fallback-is-the-format",
+        "  - search: {{format: fp8, fallback: fp8, suite: quick}}\n",
+        "fallback is the candidate format itself",
+    ),
+    (
+        "search-unmixable-fallback",
+        "  - search: {{format: int4_awq, fallback: int8_wo, suite: quick}}\n",
+        "search.fallback: int8_wo cannot be mixed per layer in one TensorRT-LLM checkpoint",
+    ),
+    (
+        "search-zero-trials",
+        "  - search: {{format: fp8, suite: quick, max_trials: 0}}\n",
+        "search.max_trials: Input should be greater than or equal to 1",
+    ),
+    (
+        "search-growth-below-one",
+        "  - search: {{format: fp8, suite: quick, growth: 0.5}}\n",
+        "search.growth: Input should be greater than or equal to 1",
+    ),
+    (
+        "search-unknown-suite",
+        "  - search: {{format: fp8, suite: no-such-suite}}\n",
+        "search.suite:",
+    ),
+    (
+        "search-after-ptq",
+        PTQ + "  - search: {{format: int4_awq, suite: quick}}\n",
+        "the model is already quantized by an earlier stage (format fp8)",
+    ),
+    (
+        "search-group-size-not-dividing",
+        "  - search: {{format: int4_awq, group_size: 100, suite: quick}}\n",
+        "search.group_size:",
+    ),
+    (
+        "search-unknown-key",
+        "  - search: {{format: fp8, suite: quick, max_trial: 3}}\n",
+        "did you mean 'max_trials'?",
+    ),
+]
+
+CASES += SPARSIFY_CASES + PRUNE_CASES + SPECULATIVE_CASES + IMAGE_CASES + SEARCH_CASES
 
 #: Cases also run through ``optimize run -o DIR``: refused before the run directory exists.
 RUN_CASES = {
@@ -515,6 +574,8 @@ RUN_CASES = {
     "prune-hidden-larger-than-the-model",
     "prune-after-ptq",
     "speculative-head-after-ptq",
+    "search-after-ptq",
+    "search-unmixable-fallback",
 }
 
 

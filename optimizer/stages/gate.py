@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from optimizer.errors import OptimizerError
-from optimizer.inputs import Input, checkpoint_input, dir_input, file_input, package_input
+from optimizer.inputs import Input, checkpoint_input
 from optimizer.plan import Environment, ModelPlan
+from optimizer.stages._gating import GateCriteria, baseline_of
 from optimizer.stages.base import Stage, StageProblem, StageResult
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ class EndpointSpec(BaseModel):
     model: str = Field(description="model name the server expects")
 
 
-class Gate(Stage):
+class Gate(Stage, GateCriteria):
     """Accept or reject the optimized model on accuracy."""
 
     name = "gate"
@@ -40,9 +41,6 @@ class Gate(Stage):
     artifact_keys = ("gate", "report")
     imports = ("lm_eval.evaluator",)
 
-    suite: str = Field(
-        description="suite YAML (tasks, metrics, limits, thresholds), relative to the recipe"
-    )
     evaluate: Literal["export", "model", "checkpoint", "endpoint"] | None = Field(
         None,
         description="export (the default after an export stage): the model rebuilt from the "
@@ -55,12 +53,6 @@ class Gate(Stage):
         None, description="evaluate this checkpoint directory instead of the pipeline's model"
     )
     endpoint: EndpointSpec | None = None
-    max_drop: dict[str, float] = Field(
-        default_factory=dict,
-        description="absolute-drop thresholds overriding the suite's, by 'task/metric' or 'default'",
-    )
-    limit: int | None = Field(None, gt=0, description="documents per task, overriding the suite")
-    on_inconclusive: Literal["fail", "pass"] = "fail"
 
     @model_validator(mode="after")
     def _endpoint(self):
@@ -70,13 +62,6 @@ class Gate(Stage):
             )
         return self
 
-    def suite_path(self, base_dir: Path) -> Path:
-        """The suite file: a path (absolute, or relative to the recipe, then the cwd) or, when
-        no such file exists, a shipped suite by name (``quick``: optimizer/resources/suites)."""
-        from optimizer.evaluation import resolve_suite
-
-        return resolve_suite(self.suite, base_dir)
-
     def candidate_path(self, base_dir: Path) -> Path | None:
         """``candidate``: absolute, or relative to the recipe, then the cwd."""
         from optimizer.resources import local_path
@@ -84,7 +69,6 @@ class Gate(Stage):
         return None if self.candidate is None else local_path(self.candidate, base_dir)
 
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
-        from optimizer.evaluation import load_suite
         from optimizer.evaluation.candidates import checkpoint_problem
 
         plan, problems = super().plan(prev, env)
@@ -127,10 +111,7 @@ class Gate(Stage):
                     "this gate or use evaluate: model",
                 )
             )
-        try:
-            load_suite(self.suite_path(env.base_dir))
-        except OptimizerError as e:
-            problems.append(("suite", str(e)))
+        problems += self.suite_problems(env.base_dir)
         candidate = self.candidate_path(env.base_dir)
         if candidate is not None:
             problem = checkpoint_problem(candidate)  # a unified HF export: refused now
@@ -139,19 +120,7 @@ class Gate(Stage):
         return plan, problems
 
     def inputs(self, base_dir: Path) -> list[Input]:
-        from optimizer.evaluation import LOCAL_TASKS, load_suite
-        from optimizer.evaluation.harness import task_data_dir
-
-        suite_file = self.suite_path(base_dir)
-        inputs = [
-            file_input("suite", suite_file),
-            dir_input("tasks", LOCAL_TASKS),
-            dir_input("task_data", task_data_dir()),
-            package_input("lm-eval"),
-        ]
-        tasks_dir = load_suite(suite_file).tasks_dir  # validated with the recipe
-        if tasks_dir is not None:
-            inputs.append(dir_input("suite_tasks", Path(tasks_dir)))
+        inputs = self.suite_inputs(base_dir)
         candidate = self.candidate_path(base_dir)
         if candidate is not None:
             inputs.append(checkpoint_input("candidate", candidate))
@@ -169,32 +138,15 @@ class Gate(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         from optimizer import models
         from optimizer.evaluation import (
-            BaselineRef,
-            apply_overrides,
             evaluate_and_judge,
-            load_suite,
             run_meta,
             training_stages,
             write_reports,
         )
 
-        suite = apply_overrides(
-            load_suite(self.suite_path(ctx.recipe.base_dir)),
-            limit=self.limit,
-            max_drop=self.max_drop,
-        )
-        state = ctx.state
-        assert state.source_path is not None
-        baseline = BaselineRef(
-            path=state.source_path,
-            fingerprint=state.source_fingerprint,
-            dtype=state.dtype,
-            compute_dtype=state.compute_dtype,
-            trust_remote_code=state.trust_remote_code,
-        )
         judgement = evaluate_and_judge(
-            suite,
-            baseline,
+            self.effective_suite(ctx.recipe.base_dir),
+            baseline_of(ctx.state),
             self._candidate(ctx),
             cache_dir=models.cache_dir(),
             on_inconclusive=self.on_inconclusive,
