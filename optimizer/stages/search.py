@@ -60,6 +60,16 @@ def write_report(out: Path, report: dict) -> None:
         f"{'Passed' if report['passed'] else 'No trial passed'}; kept trial {report['chosen']} "
         f"of {len(report['trials'])} ({report['seconds']:.0f} s).",
         "",
+        *(
+            [
+                "Baseline: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in report["baseline"].items())
+                + ".",
+                "",
+            ]
+            if report.get("baseline")
+            else []
+        ),
         "| trial | groups moved | effective bits | weight MB | verdict | metrics |",
         "|---|---|---|---|---|---|",
     ]
@@ -144,6 +154,7 @@ class Search(Stage, SearchConfig, GateCriteria):
         baseline = baseline_of(ctx.state)
         tokenizer = ctx.tokenizer()
         evaluations = {"baseline": 0}
+        baseline_scores: dict[str, float] = {}
 
         def judge(model) -> Judged:
             judgement = evaluate_and_judge(
@@ -155,6 +166,7 @@ class Search(Stage, SearchConfig, GateCriteria):
                 log=ctx.log,
             )
             evaluations["baseline"] += not judgement.baseline_cached
+            baseline_scores.update({m.metric: m.baseline for m in judgement.verdict.metrics})
             return Judged(
                 passed=judgement.passed,
                 failing=list(judgement.verdict.failing),
@@ -195,6 +207,7 @@ class Search(Stage, SearchConfig, GateCriteria):
             "suite": suite.name,
             "passed": trial.passed,
             "chosen": chosen,
+            "baseline": baseline_scores,  # empty when every trial was judged before a resume
             "trials": [t.model_dump(mode="json") for t in state.trials],
             "ranking": [{"group": g, "kl": kl} for g, kl in state.ranking],
             "seconds": round(state.seconds, 3),
