@@ -64,26 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directory (default: runs/<recipe name>)",
     )
     _add_set(run)
-    run.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in DIR: stages finished with unchanged inputs are "
-        "skipped, the rest redone",
+    _add_switches(
+        run,
+        resume="continue the run in DIR: stages finished with unchanged inputs are skipped, "
+        "the rest redone",
+        force="start over in DIR, deleting the previous run there",
+        dry_run="validate and print the resolved recipe and stage plan; run nothing",
+        quiet="only warnings and errors on the console (for jobs); logs/ is complete",
     )
-    run.add_argument(
-        "--force", action="store_true", help="start over in DIR, deleting the previous run there"
-    )
-    run.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="validate and print the resolved recipe and stage plan; run nothing",
-    )
-    run.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="only warnings and errors on the console (for jobs); logs/ is complete",
-    )
+
+    _add_sweep(verbs)
 
     validate = verbs.add_parser(
         "validate",
@@ -216,6 +206,13 @@ Exit 2 if anything is wrong (one line per problem, then hints).""",
     return parser
 
 
+def _add_switches(p: argparse.ArgumentParser, **helps: str) -> None:
+    """On/off flags with their help: ``dry_run`` is ``--dry-run``, ``quiet`` also ``-q``."""
+    for name, text in helps.items():
+        flags = ["-q", "--quiet"] if name == "quiet" else [f"--{name.replace('_', '-')}"]
+        p.add_argument(*flags, action="store_true", help=text)
+
+
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set",
@@ -226,6 +223,127 @@ def _add_set(p: argparse.ArgumentParser) -> None:
         help="override a recipe value, e.g. --set calibration.num_samples=64 or "
         "--set stages.ptq.kv_cache=fp8 (VALUE is parsed as YAML; repeatable)",
     )
+
+
+SWEEP_EPILOG = """exit codes: 0 every variant ran and at least one passed its gate; 1 a variant
+failed (a stage failed, or it could not run; the others still ran); 2 bad input (a grid, a
+variant's recipe, a flag): nothing is written; 3 every variant ran and none passed its gate.
+The report is written with 0, 1 and 3."""
+
+
+def _add_sweep(verbs) -> None:
+    sweep = verbs.add_parser(
+        "sweep",
+        help="run a recipe's variants over a grid of settings; report the accuracy/size front",
+        description="""\
+Run RECIPE once per point of a grid and report which variants are worth having: the Pareto
+front of accuracy (the gate's) against size (the exported checkpoint's bytes, or the
+effective bits per weight).
+
+Each --grid KEY=V1,V2,... is an axis: a --set key path and its values (YAML, as --set's; a
+comma inside [...] or quotes belongs to its value). The variants are the cartesian product of
+the axes, each RECIPE with one value per axis set (after the --set overrides). Every variant
+is validated as a full recipe before anything runs; it needs a gate stage (and, for --size
+exported_bytes, an export stage).
+
+Writes DIR/sweep.json (the grid; per variant its overrides, status, exit code, gate pass/fail,
+per-metric scores, accuracy, effective bits, exported bytes; the front), DIR/sweep.md and
+DIR/sweep.html (table with the front marked, plot of accuracy vs size with the front drawn),
+and each variant's run directory DIR/variants/<name>/ (run.json, recipe.yaml, logs/, its
+artifacts). The baseline is evaluated once: the gates of later variants reuse its cached
+scores. --resume keeps the variants that finished (gate passed or failed) with the same
+recipe and continues the others where they stopped.""",
+        epilog=SWEEP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("recipe", metavar="RECIPE", help="recipe YAML file or shipped recipe name")
+    sweep.add_argument(
+        "--grid",
+        metavar="KEY=V1,V2",
+        action="append",
+        default=[],
+        required=True,
+        help="an axis of the grid, e.g. --grid stages.ptq.format=fp8,int4_awq (repeatable; "
+        "the variants are every combination of the axes' values)",
+    )
+    sweep.add_argument(
+        "-o",
+        "--output",
+        metavar="DIR",
+        type=Path,
+        help="sweep directory (default: runs/<recipe name>-sweep)",
+    )
+    _add_set(sweep)
+    sweep.add_argument(
+        "--accuracy",
+        metavar="METRIC",
+        default="mean",
+        help="the accuracy of the front: mean (default: the mean of the gate's metrics, "
+        "candidate scores) or one metric by name, e.g. local_arc_easy/acc",
+    )
+    sweep.add_argument(
+        "--size",
+        choices=("exported_bytes", "effective_bits"),
+        default="exported_bytes",
+        help="the size of the front: exported_bytes (default: the exported checkpoint's "
+        "safetensors bytes) or effective_bits (stored bits per weight of the quantized linears)",
+    )
+    _add_switches(
+        sweep,
+        resume="continue the sweep in DIR: finished variants with the same recipe are kept, "
+        "the others continue (their finished stages with unchanged inputs are kept)",
+        force="start over in DIR, deleting the previous sweep there",
+        dry_run="validate every variant and print them and their overrides; run nothing",
+        quiet="only warnings and errors on the console (for jobs); each variant's logs/ is "
+        "complete",
+    )
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from optimizer.rundir import check_output_dir
+    from optimizer.sweep import FINISHED, default_sweep_dir, plan_sweep, run_sweep
+
+    if args.resume and args.force:
+        raise OptimizerError("--resume and --force contradict each other; pick one")
+    if args.output is not None and not args.dry_run:
+        check_output_dir(args.output)
+    plan = plan_sweep(
+        args.recipe, args.grid, args.overrides, accuracy=args.accuracy, size=args.size
+    )
+    directory = args.output or default_sweep_dir(plan)
+    if args.dry_run:
+        for variant, recipe in plan.variants:
+            stages = " -> ".join(s.name for s in recipe.stages)
+            print(f"{variant.slug}: {' '.join(variant.overrides)} ({stages})")
+        print(f"# {len(plan.variants)} variant(s) into {directory}/variants/")
+        return EXIT_OK
+    outcome = run_sweep(
+        plan, directory, resume=args.resume, force=args.force, capture=capture_run_log
+    )
+    record = outcome.record
+    print(
+        json.dumps(
+            {
+                "status": record.status,
+                "sweep_json": str(outcome.directory / "sweep.json"),
+                "report": record.report.get("html"),
+                "front": record.front,
+                "variants": {v.slug: v.status for v in record.variants},
+            }
+        )
+    )
+    failed = [v.slug for v in record.variants if v.status not in FINISHED]
+    if failed:
+        print(
+            f"error: variant(s) {', '.join(failed)} failed (see "
+            f"{outcome.directory}/variants/<name>/logs/run.log)",
+            file=sys.stderr,
+        )
+    elif outcome.exit_code:
+        print(
+            f"error: no variant passed its gate (see {record.report['markdown']})", file=sys.stderr
+        )
+    return outcome.exit_code
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -431,6 +549,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": cmd_run,
+    "sweep": cmd_sweep,
     "validate": cmd_validate,
     "check": cmd_check,
     "gate": cmd_gate,

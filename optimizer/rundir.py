@@ -28,6 +28,8 @@ from optimizer.models import sha256_file
 from optimizer.run_record import READABLE_VERSIONS, SCHEMA_VERSION, RunRecord
 
 RUN_JSON = "run.json"
+#: What marks a sweep's directory (optimizer/sweep.py): its variants' runs live below it.
+SWEEP_JSON = "sweep.json"
 #: Written when a run of ours creates (or first claims an empty) run directory: only a
 #: directory holding it (or, from before the marker, a run.json of ours and nothing else
 #: foreign) is ours to clean (``--force``, temporaries).
@@ -40,7 +42,7 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
-def _refuse_symlink(path: Path) -> None:
+def refuse_symlink(path: Path) -> None:
     if path.is_symlink():
         raise OptimizerError(
             f"{path} is a symbolic link; a run never writes through links in its run "
@@ -54,13 +56,13 @@ def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
         return os.open(path, flags | _NOFOLLOW | _CLOEXEC, mode)
     except OSError as e:
         if path.is_symlink():
-            _refuse_symlink(path)
+            refuse_symlink(path)
         raise OptimizerError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def open_log(path: Path):
     """``path`` opened for appending text, never through a symbolic link."""
-    _refuse_symlink(path.parent)
+    refuse_symlink(path.parent)
     fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     return os.fdopen(fd, "a", encoding="utf-8")
 
@@ -240,13 +242,18 @@ class RunDirectory:
         Stage outputs are renamed into stages/NN-name/, so a link at stages/ or below it would
         put them wherever it points; a link at a top-level artifact's own name is harmless
         (the rename replaces the link, not its target)."""
+        if (self.path / SWEEP_JSON).exists() or (self.path / SWEEP_JSON).is_symlink():
+            raise OptimizerError(
+                f"{self.path} holds a sweep ({SWEEP_JSON}), not a run; its variants' runs are "
+                f"in {self.path / 'variants'}. Choose another directory with -o"
+            )
         stages = self.path / "stages"
         for p in (self.run_json, self.path / "recipe.yaml", self.logs, self.marker, stages):
-            _refuse_symlink(p)
+            refuse_symlink(p)
         for where in (self.logs, stages):
             if where.is_dir():
                 for p in where.iterdir():
-                    _refuse_symlink(p)
+                    refuse_symlink(p)
 
     def owned(self) -> bool:
         """Whether a run of ours made this directory: our marker, or (a directory from before
@@ -299,7 +306,7 @@ class RunDirectory:
         """The recorded run, or None if there is none; OptimizerError if it is unreadable or
         not a RunRecord. ``require_version=False`` (reports) reads a record without
         ``schema_version`` as the current schema."""
-        _refuse_symlink(self.run_json)
+        refuse_symlink(self.run_json)
         try:
             data = json.loads(self.run_json.read_text(encoding="utf-8"))
         except FileNotFoundError:

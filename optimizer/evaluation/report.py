@@ -8,14 +8,24 @@ both, so ``optimize report RUN_DIR`` can regenerate the other two at any time.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optimizer.evaluation.verdict import MetricVerdict, Verdict
+from optimizer.report_pages import (
+    FAIL_COLOR,
+    PASS_COLOR,
+    REFERENCE_COLOR,
+    html_document,
+    html_meta_table,
+    html_table,
+    img_tag,
+    md_table,
+    png_bytes,
+    pyplot,
+)
 
 if TYPE_CHECKING:
     from optimizer.evaluation import Judgement
@@ -54,11 +64,7 @@ HEADER = ["metric", "docs", "baseline", "candidate", "delta [95 % CI]", "thresho
 
 
 def plot_png(gate: Verdict) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     metrics = gate.metrics
     names = [m.metric.removeprefix("local_") for m in metrics]
     x = range(len(metrics))
@@ -69,14 +75,14 @@ def plot_png(gate: Verdict) -> bytes:
         [m.baseline for m in metrics],
         width,
         label="baseline",
-        color="#8da0cb",
+        color=REFERENCE_COLOR,
     )
     ax.bar(
         [i + width / 2 for i in x],
         [m.candidate for m in metrics],
         width,
         label="candidate",
-        color=["#66c2a5" if m.verdict == "pass" else "#fc8d62" for m in metrics],
+        color=[PASS_COLOR if m.verdict == "pass" else FAIL_COLOR for m in metrics],
         yerr=[1.96 * m.delta_stderr for m in metrics],
         capsize=3,
     )
@@ -85,11 +91,7 @@ def plot_png(gate: Verdict) -> bytes:
     ax.set_ylim(0, 1)
     ax.legend(loc="upper right")
     ax.set_title("baseline vs candidate (error bar: 95 % CI of the paired difference)", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 #: ``(stage name, its run.json metrics)`` of the training stages before the gate.
@@ -103,11 +105,7 @@ def training_stages(stages: list[tuple[str, dict[str, Any] | None]]) -> Training
 
 def loss_curve_png(stage: str, metrics: dict[str, Any]) -> bytes:
     """Training loss and held-out loss per optimizer step (one training stage's metrics)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
     for key, label, style in (
         ("loss_curve", "training loss", "-"),
@@ -126,11 +124,7 @@ def loss_curve_png(stage: str, metrics: dict[str, Any]) -> bytes:
         f"{stage}: {metrics.get('steps', '?')} steps, {metrics.get('tokens', 0):,} tokens",
         fontsize=9,
     )
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def _training_rows(training: Training) -> list[list[str]]:
@@ -158,15 +152,12 @@ def markdown(gate: Verdict, meta: dict[str, Any], training: Training = ()) -> st
     lines = [f"# Accuracy gate: {status}", ""]
     if gate.failing:
         lines += [f"Failing: {', '.join(gate.failing)}", ""]
-    lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r) + " |" for r in _rows(gate)]
+    lines += md_table(HEADER, _rows(gate))
     lines += ["", f"Rule: {gate.rule}; inconclusive counts as {gate.on_inconclusive}.", ""]
     for m in gate.metrics:
         lines.append(f"- {m.metric}: {m.verdict} — {m.reason}")
     if training:
-        lines += ["", "## Training", "", "| " + " | ".join(TRAINING_HEADER) + " |"]
-        lines += ["|" + "---|" * len(TRAINING_HEADER)]
-        lines += ["| " + " | ".join(r) + " |" for r in _training_rows(training)]
+        lines += ["", "## Training", "", *md_table(TRAINING_HEADER, _training_rows(training))]
         lines += ["", "Loss curves: report.html, and each stage's training/loss.png."]
     lines += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in meta.items()]
     return "\n".join(lines) + "\n"
@@ -175,63 +166,42 @@ def markdown(gate: Verdict, meta: dict[str, Any], training: Training = ()) -> st
 def _training_html(training: Training) -> str:
     if not training:
         return ""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in TRAINING_HEADER)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>\n"
-        for r in _training_rows(training)
-    )
     plots = "".join(
-        f'<img class="loss" alt="{html.escape(name)} loss curve" '
-        f'src="data:image/png;base64,{base64.b64encode(loss_curve_png(name, m)).decode()}">'
+        img_tag(loss_curve_png(name, m), f"{name} loss curve", img_class="loss")
         for name, m in training
     )
-    return f'<h2>Training</h2><table id="training"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{plots}'
+    table = html_table(TRAINING_HEADER, _training_rows(training), table_id="training")
+    return f"<h2>Training</h2>{table}{plots}"
+
+
+#: Verdict colours of the metrics table's last column.
+VERDICT_CSS = """\
+tr.fail td:last-child { color: #cf222e; font-weight: bold; }
+tr.pass td:last-child { color: #1a7f37; font-weight: bold; }
+tr.inconclusive td:last-child { color: #9a6700; font-weight: bold; }
+"""
 
 
 def html_page(gate: Verdict, meta: dict[str, Any], training: Training = ()) -> str:
     status = "PASSED" if gate.passed else "FAILED"
     color = "#1a7f37" if gate.passed else "#cf222e"
-    png = base64.b64encode(plot_png(gate)).decode()
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
-    body = ""
-    for r, m in zip(_rows(gate), gate.metrics, strict=True):
-        cls = m.verdict
-        body += (
-            "<tr class='"
-            + cls
-            + "'>"
-            + "".join(f"<td>{html.escape(c)}</td>" for c in r)
-            + "</tr>\n"
-        )
+    table = html_table(
+        HEADER, _rows(gate), table_id="metrics", row_classes=[m.verdict for m in gate.metrics]
+    )
+    plot = img_tag(plot_png(gate), "accuracy per task, baseline vs candidate", img_id="plot")
     reasons = "".join(
         f"<li><b>{html.escape(m.metric)}</b>: {html.escape(m.reason)}</li>" for m in gate.metrics
     )
-    metadata_rows = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-        for k, v in meta.items()
-    )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Accuracy gate: {status}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #1f2328; }}
-h1 span {{ color: {color}; }}
-table {{ border-collapse: collapse; margin: 1rem 0; }}
-th, td {{ border: 1px solid #d0d7de; padding: .35rem .6rem; text-align: left; }}
-tr.fail td:last-child {{ color: #cf222e; font-weight: bold; }}
-tr.pass td:last-child {{ color: #1a7f37; font-weight: bold; }}
-tr.inconclusive td:last-child {{ color: #9a6700; font-weight: bold; }}
-</style></head>
-<body>
-<h1>Accuracy gate: <span id="status">{status}</span></h1>
-<table id="metrics"><thead><tr>{head}</tr></thead><tbody>
-{body}</tbody></table>
-<img id="plot" alt="accuracy per task, baseline vs candidate" src="data:image/png;base64,{png}">
+    body = f"""<h1>Accuracy gate: <span id="status">{status}</span></h1>
+{table}
+{plot}
 <p>Rule: {html.escape(gate.rule)}; inconclusive counts as {html.escape(gate.on_inconclusive)}.</p>
 <ul>{reasons}</ul>
 {_training_html(training)}
-<h2>Run</h2><table id="meta">{metadata_rows}</table>
-</body></html>
-"""
+<h2>Run</h2>{html_meta_table(meta)}"""
+    return html_document(
+        f"Accuracy gate: {status}", body, f"h1 span {{ color: {color}; }}\n" + VERDICT_CSS
+    )
 
 
 def run_meta(judgement: Judgement, *, evaluated: str, recipe: str) -> dict[str, Any]:

@@ -52,39 +52,59 @@ def shortfall(judgement: Judgement) -> float:
 
 
 def write_report(out: Path, report: dict) -> None:
-    """``search.md``: the trials, the kept one marked, and the most sensitive groups."""
-    lines = [
-        f"# Search from {report['candidate']} (fallback {report['fallback']}), suite "
-        f"{report['suite']}",
-        "",
-        f"{'Passed' if report['passed'] else 'No trial passed'}; kept trial {report['chosen']} "
-        f"of {len(report['trials'])} ({report['seconds']:.0f} s).",
-        "",
-        *(
-            [
-                "Baseline: "
-                + ", ".join(f"{k} {v:.4f}" for k, v in report["baseline"].items())
-                + ".",
-                "",
-            ]
-            if report.get("baseline")
-            else []
-        ),
-        "| trial | groups moved | effective bits | weight MB | verdict | metrics |",
-        "|---|---|---|---|---|---|",
+    """``search.md`` and a self-contained ``search.html``: the trials (the kept one marked),
+    the plot of accuracy against effective bits with the front, the most sensitive groups."""
+    from statistics import fmean
+
+    from optimizer.tradeoff import Column, write_tradeoff_report
+
+    rows = [
+        {
+            "trial": f"{t['index']}{' (kept)' if t['index'] == report['chosen'] else ''}",
+            "label": str(t["index"]),
+            "moved": len(t["moved"]),
+            "effective_bits": t["effective_bits"],
+            "weight_mb": t["weight_bytes"] / 1e6,
+            "accuracy": fmean(t["metrics"].values()) if t["metrics"] else None,
+            "passed": t["passed"],
+            "verdict": "pass" if t["passed"] else f"fail: {', '.join(t['failing'])}",
+        }
+        for t in report["trials"]
     ]
-    for t in report["trials"]:
-        mark = " (kept)" if t["index"] == report["chosen"] else ""
-        verdict = "pass" if t["passed"] else f"fail: {', '.join(t['failing'])}"
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in t["metrics"].items())
-        lines.append(
-            f"| {t['index']}{mark} | {len(t['moved'])} | {t['effective_bits']:.3f} | "
-            f"{t['weight_bytes'] / 1e6:.1f} | {verdict} | {metrics} |"
-        )
+    baseline = report.get("baseline") or {}
+    notes = [
+        f"{'Passed' if report['passed'] else 'No trial passed'}; kept trial {report['chosen']} "
+        f"of {len(report['trials'])} ({report['seconds']:.0f} s). Accuracy: the mean of the "
+        "suite's metrics" + (f" (baseline {fmean(baseline.values()):.4f})." if baseline else "."),
+    ]
     if report["ranking"]:
-        lines += ["", "Most sensitive layer groups (KL when quantized alone):", ""]
-        lines += [f"- `{r['group']}`: {r['kl']:.3g}" for r in report["ranking"][:10]]
-    (out / "search.md").write_text("\n".join(lines) + "\n")
+        notes.append(
+            "Most sensitive layer groups (KL when quantized alone): "
+            + "; ".join(f"`{r['group']}` {r['kl']:.3g}" for r in report["ranking"][:10])
+        )
+    write_tradeoff_report(
+        out,
+        f"Search from {report['candidate']} (fallback {report['fallback']}), suite "
+        f"{report['suite']}",
+        rows,
+        "effective_bits",
+        "accuracy",
+        columns=[
+            Column("trial", "trial"),
+            Column("moved", "groups moved"),
+            Column("effective_bits", "effective bits", "{:.3f}"),
+            Column("weight_mb", "weight MB", "{:.1f}"),
+            Column("accuracy", "accuracy", "{:.4f}"),
+            Column("verdict", "verdict"),
+        ],
+        x_label="effective bits per weight",
+        y_label="mean accuracy",
+        label_key="label",
+        pass_key="passed",
+        reference_y=fmean(baseline.values()) if baseline else None,
+        notes=notes,
+        stem="search",
+    )
 
 
 class Search(Stage, SearchConfig, GateCriteria):

@@ -137,7 +137,9 @@ def test_a_budget_of_one_trial_exits_3_with_the_best_candidate(planted, tmp_path
     assert record["status"] == "gate_failed"
     metrics = record["stages"][0]["metrics"]
     assert metrics["passed"] is False and metrics["trials"] == 1 and metrics["moved"] == []
-    assert "No trial passed" in (run / "stages" / "00-search" / "search" / "search.md").read_text()
+    out = run / "stages" / "00-search" / "search"
+    assert "No trial passed" in (out / "search.md").read_text()
+    assert "data:image/png;base64," in (out / "search.html").read_text()  # the front's plot
     assert (run / "hf_checkpoint").is_dir()  # later stages still ran on the best candidate
     assert record["stages"][2]["metrics"]["passed"] is False
 
