@@ -39,6 +39,9 @@ class ModelState:
     model: Any = None
     tokenizer: Any = None
     calibration_tokens: Any = None
+    #: The recipe's ``model.max_memory`` in bytes (``{"gpu": ..., "cpu": ...}``), or None:
+    #: where the stages' loads place the weights (see models.placement).
+    max_memory: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         self.compute_dtype = self.compute_dtype or self.dtype
@@ -73,7 +76,10 @@ class StageContext:
         if self.state.model is None:
             log.info("loading model from %s", self.state.checkpoint)
             self.state.model = models.load_model(
-                self.state.checkpoint, self.state.compute_dtype, self.state.trust_remote_code
+                self.state.checkpoint,
+                self.state.compute_dtype,
+                self.state.trust_remote_code,
+                max_memory=self.state.max_memory,
             )
         return self.state.model
 

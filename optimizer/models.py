@@ -416,25 +416,108 @@ def enable_modelopt_checkpointing() -> None:
 MODELOPT_STATE = "modelopt_state.pth"
 
 
-def load_model(path: Path, dtype: str, trust_remote_code: bool = False):
+#: The share of a recipe's ``max_memory.gpu`` the weights are placed in; the rest is left for
+#: activations and the exporters' buffers (transformers splits the memory it finds free the
+#: same way). accelerate keeps room for the largest layer an offloaded forward brings in
+#: inside the weights' share.
+WEIGHTS_SHARE = 0.9
+
+
+def placement(
+    max_memory: dict[str, int] | None,
+    *,
+    gpus: int,
+    world_size: int = 1,
+    local_rank: int = 0,
+    available: dict[int | str, int] | None = None,
+) -> dict[str, Any]:
+    """``from_pretrained``'s placement arguments: ``device_map`` and, under a recipe's
+    ``model.max_memory`` (``{"gpu": bytes per GPU, "cpu": bytes}``), ``max_memory`` for
+    accelerate (``{0: w, 1: w, ..., "cpu": cpu}``, ``w`` = :data:`WEIGHTS_SHARE` of ``gpu``).
+
+    Without a GPU: no device map (the model is in host memory; ``max_memory`` does nothing).
+    One process per GPU (torchrun): each loads onto its own GPU, and ``max_memory`` is
+    refused (an offloaded model cannot be trained or broadcast). One process: ``"auto"``,
+    which shards a model larger than one GPU over this host's GPUs and offloads the rest to
+    host memory. ``available`` (what accelerate would use: free bytes per GPU index and
+    ``"cpu"``) fills a cap the recipe leaves unset; 90 % of it for ``cpu``, as transformers
+    does.
+    """
+    if gpus == 0:
+        return {"device_map": None}
+    if world_size > 1:
+        if max_memory:
+            raise OptimizerError(
+                "model.max_memory shards one model over this host's GPUs in a single process; "
+                f"this is a {world_size}-process launch (one GPU each): remove max_memory or "
+                "run without torchrun / accelerate launch"
+            )
+        return {"device_map": {"": local_rank}}
+    if not max_memory:
+        return {"device_map": "auto"}
+    available = available or {}
+    caps: dict[int | str, int] = {}
+    for i in range(gpus):
+        if max_memory.get("gpu") is not None:
+            caps[i] = int(max_memory["gpu"] * WEIGHTS_SHARE)
+        elif i in available:
+            caps[i] = int(available[i])
+    if max_memory.get("cpu") is not None:
+        caps["cpu"] = max_memory["cpu"]
+    elif "cpu" in available:
+        caps["cpu"] = int(available["cpu"] * 0.9)
+    return {"device_map": "auto", "max_memory": caps}
+
+
+def _available_memory() -> dict[int | str, int]:
+    """Free bytes per GPU and available host bytes, as accelerate counts them."""
+    from accelerate.utils import get_max_memory
+
+    return dict(get_max_memory())
+
+
+def input_device(model) -> Any:
+    """Where a batch for ``model`` goes: the device of its first parameter that holds data
+    (an offloaded parameter is on ``meta``; accelerate's hooks move inputs onwards)."""
+    import torch
+
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def load_model(
+    path: Path,
+    dtype: str,
+    trust_remote_code: bool = False,
+    max_memory: dict[str, int] | None = None,
+):
+    """A model of ``path`` in ``dtype``: on the GPU(s) when there are any, else in host
+    memory; ``max_memory`` (``{"gpu": bytes, "cpu": bytes}``) caps what each GPU holds
+    (see :func:`placement`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    enable_modelopt_checkpointing()
-    device_map = None
-    if torch.cuda.is_available():
-        # One process per GPU under torchrun / accelerate launch: each loads onto its own.
-        from optimizer import launch
+    from optimizer import launch
 
-        device_map = {"": launch.local_rank()} if launch.world_size() > 1 else "auto"
+    enable_modelopt_checkpointing()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    kwargs = placement(
+        max_memory,
+        gpus=gpus,
+        world_size=launch.world_size(),
+        local_rank=launch.local_rank(),
+        available=_available_memory() if gpus and max_memory else None,
+    )
     import pickle
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=torch_dtype(dtype),
-            device_map=device_map,
             trust_remote_code=trust_remote_code,
+            **kwargs,
         )
     except pickle.UnpicklingError as e:
         # ModelOpt restores modelopt_state.pth with torch.load(weights_only=True): a pickle
@@ -444,9 +527,70 @@ def load_model(path: Path, dtype: str, trust_remote_code: bool = False):
             f"(loaded with weights_only=True; {str(e).splitlines()[0]})"
         ) from None
     model.eval()
+    if getattr(model, "_weight_conversions", None) == []:
+        # transformers 5 keeps only the hub-name conversions a load used: a model reloaded
+        # from a fused-layout save (a quantized MoE's hand-over) would save, and so export,
+        # in-memory names (mlp.gate instead of Mixtral's block_sparse_moe.gate). None makes
+        # save_pretrained apply the model's default mapping, as after a load from the hub.
+        model._weight_conversions = None
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
+    if "max_memory" in kwargs:
+        log.info("placement under model.max_memory: %s", placement_summary(model))
     return model
+
+
+def placement_summary(model) -> str:
+    """Which devices hold the model's modules (accelerate's ``hf_device_map``), counted."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    counts: dict[str, int] = {}
+    for device in device_map.values():
+        key = f"cuda:{device}" if isinstance(device, int) else str(device)
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} module(s) on {d}" for d, n in counts.items()) or "one device"
+
+
+def is_offloaded(model) -> bool:
+    """Whether accelerate keeps some of ``model``'s weights off the GPUs (meta tensors whose
+    values live in an offload hook)."""
+    return any(_offload_hook(getattr(m, "_hf_hook", None)) is not None for m in model.modules())
+
+
+def _offload_hook(hook) -> Any:
+    """The accelerate hook that offloads a module's weights, or None."""
+    if hook is None:
+        return None
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
+
+    if isinstance(hook, AlignDevicesHook) and hook.offload and hook.weights_map is not None:
+        return hook
+    if isinstance(hook, SequentialHook):
+        for inner in hook.hooks:
+            found = _offload_hook(inner)
+            if found is not None:
+                return found
+    return None
+
+
+@contextlib.contextmanager
+def weights_materialized(module):
+    """``module``'s offloaded weights on their execution device for the duration (as for a
+    forward), back on ``meta`` afterwards; nothing is written back. A no-op for a module
+    without offloaded weights."""
+    opened = []
+    try:
+        for m in module.modules():
+            hook = _offload_hook(getattr(m, "_hf_hook", None))
+            if hook is None or not any(
+                t.is_meta for t in m.parameters(recurse=hook.place_submodules)
+            ):
+                continue
+            hook.pre_forward(m)
+            opened.append((m, hook))
+        yield module
+    finally:
+        for m, hook in reversed(opened):
+            hook.post_forward(m, None)
 
 
 def cast_to_storage(model, dtype: str, compute_dtype: str) -> bool:

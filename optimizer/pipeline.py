@@ -328,6 +328,8 @@ class Runner:
                 source_path=resolved.path,
                 source_fingerprint=resolved.fingerprint,
                 compute_dtype=compute,
+                # placement only: no fingerprint or baseline key depends on it
+                max_memory=recipe.model.max_memory.as_bytes() if recipe.model.max_memory else None,
             )
             prev_stages = previous.stages if previous else []
             upstream = ""

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,6 +23,7 @@ from pydantic import (
     Field,
     SerializeAsAny,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -54,6 +56,80 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: Units of a memory size: decimal (GB = 10**9 bytes) and binary (GiB = 2**30), the ones
+#: accelerate's ``max_memory`` takes. Case matters: accelerate reads "20gb" as gigabits.
+MEMORY_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+}
+_MEMORY_SIZE = re.compile(r"(\d+(?:\.\d+)?) ?([A-Za-z]+)")
+#: Far above any machine (a typo such as "20000TiB" is refused, not passed on).
+MAX_MEMORY_BYTES = 2**50
+
+
+def memory_bytes(text: str) -> int:
+    """``"20GiB"`` -> 21474836480. ValueError with a readable message for anything else."""
+    if not isinstance(text, str):
+        number = isinstance(text, int | float) and not isinstance(text, bool)
+        raise ValueError(
+            f"{repr(text)[:40]} "
+            + ("has no unit" if number else "is not a memory size")
+            + ": write one such as '20GiB'"
+        )
+    match = _MEMORY_SIZE.fullmatch(text.strip())
+    if match is None or match.group(2) not in MEMORY_UNITS:
+        unit = match.group(2) if match else ""
+        near = next((u for u in MEMORY_UNITS if u.lower() == unit.lower()), None)
+        raise ValueError(
+            f"{text[:40]!r} is not a memory size: a number and one of the units "
+            f"{', '.join(MEMORY_UNITS)}, e.g. '20GiB'"
+            + (f" (case matters: did you mean {near!r}?)" if near else "")
+        )
+    size = int(float(match.group(1)) * MEMORY_UNITS[match.group(2)])
+    if size <= 0:
+        raise ValueError(f"{text!r}: must be more than 0 bytes")
+    if size > MAX_MEMORY_BYTES:
+        raise ValueError(f"{text!r}: more memory than any machine has (at most 1 PiB)")
+    return size
+
+
+class MaxMemory(Strict):
+    """Where the model's weights may go: at most ``gpu`` on each GPU, the rest in ``cpu``
+    (host memory, offloaded: weights move to the GPU layer by layer as they are used)."""
+
+    gpu: str | None = Field(
+        None,
+        description="per GPU, e.g. '20GiB': the most of each GPU's memory the run is to use. "
+        "The weights are placed in 90 % of it (accelerate's max_memory, which keeps room for "
+        "the largest layer an offloaded forward brings in), the rest is left for activations; "
+        "a calibration batch whose activations need more goes over. Unset: what is free",
+    )
+    cpu: str | None = Field(
+        None,
+        description="host memory for the weights that do not fit on the GPUs, e.g. '200GiB'. "
+        "Unset: 90 % of what is available. Weights that fit neither are read from the "
+        "checkpoint's files as they are needed (transformers' disk offload: slow)",
+    )
+
+    @field_validator("gpu", "cpu", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> str | None:
+        if value is not None:
+            memory_bytes(value)
+        return value
+
+    def as_bytes(self) -> dict[str, int]:
+        """``{"gpu": bytes, "cpu": bytes}`` for the keys that are set."""
+        return {k: memory_bytes(v) for k, v in (("gpu", self.gpu), ("cpu", self.cpu)) if v}
+
+
 class ModelSpec(Strict):
     source: str = Field(
         description="Hugging Face hub id, a local HF checkpoint directory, or builtin:<name>"
@@ -68,6 +144,16 @@ class ModelSpec(Strict):
         "precision is emulated and several times slower",
     )
     trust_remote_code: bool = False
+    max_memory: MaxMemory | None = Field(
+        None,
+        description="cap the memory the model's weights take on each GPU (and in host "
+        "memory): a model larger than one GPU is sharded over the GPUs of this host and what "
+        "does not fit is offloaded to host memory (device_map 'auto'). It changes where the "
+        "weights are, not the numbers: fingerprints and baselines do not depend on it. "
+        "Applies where the stages load the model (ptq, export, ...), not to the gate's own "
+        "copies; a single process only. On a machine without a CUDA GPU it is accepted and "
+        "does nothing (the model is in host memory anyway)",
+    )
 
 
 class CalibrationSpec(Strict):
@@ -118,6 +204,9 @@ class Recipe(RecipeHeader):
     def resolved(self) -> dict[str, Any]:
         """The recipe as plain data, every default filled in (what ``run.json`` records)."""
         data = self.model_dump(mode="json", exclude={"stages"})
+        if data["model"].get("max_memory") is None:
+            # Unset, it is left out: recipes (and their sha256) without it read as before.
+            data["model"].pop("max_memory", None)
         data["stages"] = [{s.name: s.model_dump(mode="json")} for s in self.stages]
         return data
 

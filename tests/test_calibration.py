@@ -112,3 +112,31 @@ def test_forward_loop_feeds_every_window_once():
     calibration.forward_loop(tokens, batch_size=4)(Recorder())
     assert [b.shape[0] for b in seen] == [4, 4, 2]
     assert torch.equal(torch.cat(seen), tokens)
+
+
+def test_the_loop_keeps_the_last_logits_only_where_nothing_calibrates_on_them(tiny_llama):
+    """Same scales as a loop over full logits (issue 17: 1 GiB of logits per 8 x 512 batch
+    of a 128k vocabulary); full logits again once the output layer is quantized."""
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 500, (4, 32))
+
+    def amaxes(loop):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+        mtq.quantize(model, mtq.FP8_DEFAULT_CFG, loop)
+        return model, {n: b for n, b in model.named_buffers() if n.endswith("amax")}
+
+    def full(model):
+        with torch.no_grad():
+            for batch in calibration.batches(tokens, 2):
+                model(input_ids=batch)
+
+    model, last = amaxes(calibration.forward_loop(tokens, 2))
+    assert calibration.logits_kwargs(model) == {"logits_to_keep": 1}
+    _, reference = amaxes(full)
+    assert last.keys() == reference.keys() and last
+    assert all(torch.equal(last[k], reference[k]) for k in last)
+    model.lm_head.input_quantizer.enable()
+    assert calibration.logits_kwargs(model) == {}

@@ -158,6 +158,60 @@ CASES: list[tuple[str, str | bytes, list[str], str]] = [
         [],
         "model: must be a mapping",
     ),
+    # --- model.max_memory (issue 17): memory sizes with their unit
+    (
+        "max-memory-gigabits",
+        VALID.replace("model: {source: MODEL}", "model: {source: MODEL, max_memory: {gpu: 20gb}}"),
+        [],
+        "model.max_memory.gpu: '20gb' is not a memory size: a number and one of the units "
+        "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, e.g. '20GiB' (case matters: did you mean 'GB'?)",
+    ),
+    (
+        "max-memory-without-a-unit",
+        VALID.replace("model: {source: MODEL}", "model: {source: MODEL, max_memory: {gpu: 20}}"),
+        [],
+        "model.max_memory.gpu: 20 has no unit: write one such as '20GiB'",
+    ),
+    (
+        "max-memory-zero",
+        VALID.replace("model: {source: MODEL}", "model: {source: MODEL, max_memory: {cpu: 0GiB}}"),
+        [],
+        "model.max_memory.cpu: '0GiB': must be more than 0 bytes",
+    ),
+    (
+        "max-memory-negative",
+        VALID.replace("model: {source: MODEL}", "model: {source: MODEL, max_memory: {gpu: -1GiB}}"),
+        [],
+        "model.max_memory.gpu: '-1GiB' is not a memory size",
+    ),
+    (
+        "max-memory-beyond-any-machine",
+        VALID.replace(
+            "model: {source: MODEL}", "model: {source: MODEL, max_memory: {gpu: 3000TiB}}"
+        ),
+        [],
+        "model.max_memory.gpu: '3000TiB': more memory than any machine has (at most 1 PiB)",
+    ),
+    (
+        "max-memory-disk",
+        VALID.replace(
+            "model: {source: MODEL}", "model: {source: MODEL, max_memory: {gpu: 8GiB, disk: 1TB}}"
+        ),
+        [],
+        "model.max_memory.disk: unknown key 'disk'",
+    ),
+    (
+        "max-memory-a-string",
+        VALID.replace("model: {source: MODEL}", "model: {source: MODEL, max_memory: 8GiB}"),
+        [],
+        "model.max_memory: must be a mapping",
+    ),
+    (
+        "max-memory-set-without-unit",
+        VALID,
+        ["model.max_memory.gpu=8"],
+        "model.max_memory.gpu: 8 has no unit",
+    ),
     (
         "calibration-a-string",
         VALID.replace(
@@ -390,6 +444,7 @@ RUN_CASES = {
     "qat-lr-nan",
     "gate-max-drop-unknown-metric",
     "set-no-such-stage",
+    "max-memory-gigabits",
 }
 #: Cases that must finish in seconds (they used to hang or blow the stack).
 TIMED = {c[0] for c in CASES if c[0].startswith(("alias-", "deep-", "file-over"))}
