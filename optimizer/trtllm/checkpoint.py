@@ -283,8 +283,23 @@ def check_checkpoint(checkpoint: Path) -> list[CheckProblem]:
     per_layer_algo = _per_layer_algos(checkpoint, quant, problems)
     if problems:
         return problems
-    problems += _check_tensors(config, quant, per_layer_algo, headers, tp, pp)
+    groups = _per_layer_groups(checkpoint) if per_layer_algo is not None else {}
+    problems += _check_tensors(config, quant, per_layer_algo, headers, tp, pp, groups)
     return problems
+
+
+def _per_layer_groups(checkpoint: Path) -> dict[str, int]:
+    """For MIXED_PRECISION, quant_algo -> the group size its layers declare in quant_cfg.json
+    (TensorRT-LLM reads each layer's own; the top-level ``group_size`` is ModelOpt's default
+    128 even when every AWQ layer uses 64). Read after :func:`_per_layer_algos` checked it."""
+    layers = json.loads((checkpoint / "quant_cfg.json").read_text()).get("quantized_layers")
+    groups: dict[str, int] = {}
+    for entry in layers.values():
+        entry = entry or {}
+        if isinstance(entry.get("group_size"), int) and isinstance(entry.get("quant_algo"), str):
+            algo = entry["quant_algo"]
+            groups[algo] = max(groups.get(algo, 0), entry["group_size"])  # the strictest
+    return groups
 
 
 def _per_layer_algos(
@@ -349,7 +364,9 @@ def _layer_shapes(config: dict, tp: int) -> dict[str, tuple[int, int]]:
     }
 
 
-def _check_tensors(config, quant, per_layer_algo, headers, tp, pp) -> list[CheckProblem]:
+def _check_tensors(
+    config, quant, per_layer_algo, headers, tp, pp, groups: dict[str, int]
+) -> list[CheckProblem]:
     problems: list[CheckProblem] = []
     if not headers or any(
         k not in config for k in ("hidden_size", "num_attention_heads", "num_hidden_layers")
@@ -366,8 +383,9 @@ def _check_tensors(config, quant, per_layer_algo, headers, tp, pp) -> list[Check
         "num_attention_heads x head_size": config["num_attention_heads"] * head,
     }
     for algo in sorted(a for a in algos if isinstance(a, str)):
-        for message in awq_layout_problems(algo, group, tp, gemm_dims):
-            group_problem = message == awq_group_problem(algo, group)
+        algo_group = groups.get(algo, group)
+        for message in awq_layout_problems(algo, algo_group, tp, gemm_dims):
+            group_problem = message == awq_group_problem(algo, algo_group)
             problems.append(CheckProblem(message, HINTS["algo" if group_problem else "shape"]))
     layers_seen = 0
     for r, tensors in sorted(headers.items()):
@@ -429,7 +447,7 @@ def _check_tensors(config, quant, per_layer_algo, headers, tp, pp) -> list[Check
                     LINEAR_CONTRACTS.get(algo),
                     algo,
                     shapes[linear],
-                    group,
+                    groups.get(algo, group) if isinstance(algo, str) else group,
                 )
             kv = quant.get("kv_cache_quant_algo")
             if kv is not None and f"{prefix}.attention.kv_cache_scaling_factor" not in tensors:

@@ -36,3 +36,22 @@ def test_infeasible_budget_is_bad_input(tiny_llama, tmp_path, capsys):
         and "infeasible" in err
         and "Raise the budget" in err
     )
+
+
+def test_mixed_precision_checks_each_layers_own_awq_group_size(tmp_path):
+    """ModelOpt's MIXED_PRECISION checkpoint declares group_size per layer (quant_cfg.json)
+    and none at the top: a hidden size of 192 is fine for group 64 (TensorRT-LLM pads to
+    multiples of 64) but not for the default 128 the validator would otherwise assume."""
+    from tiny import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "m", hidden=192, intermediate=384, heads=4, kv_heads=2)
+    stages = [
+        "auto_quantize: {effective_bits: 7.0, formats: [fp8, int4_awq], group_size: 64}",
+        "export: {}",
+    ]
+    assert run_tiny_recipe(tmp_path, model, stages, num_samples=8, seq_len=64, batch_size=4) == 0
+    ckpt = tmp_path / "run" / "trtllm_checkpoint"
+    layers = json.loads((ckpt / "quant_cfg.json").read_text())["quantized_layers"]
+    assert {v.get("group_size") for v in layers.values() if v["quant_algo"] == "W4A16_AWQ"} == {64}
+    assert "group_size" not in json.loads((ckpt / "config.json").read_text())["quantization"]
+    assert check_checkpoint(ckpt) == []
