@@ -555,6 +555,12 @@ SEARCH_CASES = [
         "search.group_size:",
     ),
     (
+        "search-format-whose-export-cannot-be-rebuilt",
+        "  - search: {{format: fp8_pc_pt, suite: quick}}\n",
+        "search.format: the search judges each trial's unified HF export, and quant_algo "
+        "FP8_PER_CHANNEL_PER_TOKEN cannot be rebuilt",
+    ),
+    (
         "search-unknown-key",
         "  - search: {{format: fp8, suite: quick, max_trial: 3}}\n",
         "did you mean 'max_trials'?",

@@ -2,10 +2,11 @@
 model, move the most sensitive layer groups to a higher precision and try again.
 
 The technique is :func:`optimizer.techniques.search.search`; the judge of every trial is the
-gate's own ``evaluate_and_judge`` on the trial's in-memory model against the run's baseline
-(evaluated once: the baseline cache serves every later trial and the recipe's final gate).
-Trials are judged in memory for speed; the verdict that counts for deployment is the
-``gate`` after ``export``, on the exported files. Each judged trial is saved in the stage's
+gate's own ``evaluate_and_judge`` on what would ship: the trial exported to a unified HF
+checkpoint (in a scratch directory of the run) and rebuilt from its files, against the run's
+baseline (evaluated once: the baseline cache serves every later trial and the recipe's final
+gate). The in-memory fake-quant model is not judged: on an H200 it passed a gate that its own
+export then failed (bench/results/search-gpu.md). Each judged trial is saved in the stage's
 checkpoint directory, so a killed search resumes without redoing one.
 
 Outputs ``search/``: ``search.json`` (every trial: groups moved, effective bits, size,
@@ -16,7 +17,9 @@ stages still run, and the run exits 3.
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -145,6 +148,13 @@ class Search(Stage, SearchConfig, GateCriteria):
                 )
         problems += self.suite_problems(env.base_dir)
         kv = None if self.kv_cache == "none" else self.kv_cache
+        from optimizer.unified.rebuild import plan_problem
+
+        candidates = [self.format] + ([self.fallback] if self.fallback != "none" else [])
+        if problem := plan_problem(candidates, kv):
+            problems.append(
+                ("format", f"the search judges each trial's unified HF export, and {problem}")
+            )
         spec = FORMATS[self.format]
         formats = [LayerFormat(format=self.format, group_size=self.group_size)]
         if self.fallback != "none":
@@ -166,6 +176,7 @@ class Search(Stage, SearchConfig, GateCriteria):
         from optimizer import models
         from optimizer.calibration import batches
         from optimizer.evaluation import evaluate_and_judge, make_candidate
+        from optimizer.exporters import export_unified_hf_checkpoint
         from optimizer.rundir import write_atomic
         from optimizer.techniques.search import best_trial, search
 
@@ -177,14 +188,31 @@ class Search(Stage, SearchConfig, GateCriteria):
         baseline_scores: dict[str, float] = {}
 
         def judge(model) -> Judged:
-            judgement = evaluate_and_judge(
-                suite,
-                baseline,
-                make_candidate("model", model, tokenizer),
-                cache_dir=models.cache_dir(),
-                on_inconclusive=self.on_inconclusive,
-                log=ctx.log,
-            )
+            # What ships is judged: the trial exported to a unified HF checkpoint (a copy:
+            # the export packs weights in place) and rebuilt from those files, as the final
+            # gate does; the in-memory fake-quant model disagrees with it on some documents.
+            scratch = ctx.directory.temp_output(ctx.index, "trial")
+            try:
+                exported = copy.deepcopy(model)
+                models.cast_to_storage(exported, ctx.recipe.model.dtype, ctx.state.compute_dtype)
+                export_unified_hf_checkpoint(exported, scratch, dtype=ctx.recipe.model.dtype)
+                del exported
+                tokenizer.save_pretrained(scratch)
+                judgement = evaluate_and_judge(
+                    suite,
+                    baseline,
+                    make_candidate(
+                        "checkpoint",
+                        scratch,
+                        tokenizer=tokenizer,
+                        trust_remote_code=ctx.state.trust_remote_code,
+                    ),
+                    cache_dir=models.cache_dir(),
+                    on_inconclusive=self.on_inconclusive,
+                    log=ctx.log,
+                )
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
             evaluations["baseline"] += not judgement.baseline_cached
             baseline_scores.update({m.metric: m.baseline for m in judgement.verdict.metrics})
             return Judged(
