@@ -8,16 +8,8 @@
 #   bash bench/gpu_compress_speculative.sh pack DIR # results as two tarballs in DIR
 # Cells are resumable: a chain killed with its machine is redone from its last finished step.
 set -u
-W=${BENCH_WORK:-/tmp/bench}
-mkdir -p "$W/logs"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-
-launch() {  # name, command...
-    local name=$1
-    shift
-    setsid nohup bash -c "$*" > "$W/logs/$name.log" 2>&1 < /dev/null &
-    echo "$name: pid $!"
-}
+# shellcheck source=bench/gpu_jobs.sh
+source "$(dirname "$0")/gpu_jobs.sh"
 
 case ${1:-} in
 start)

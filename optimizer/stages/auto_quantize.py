@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from optimizer import architectures
 from optimizer.formats import FORMATS, check_block_size
 from optimizer.plan import Environment, LayerFormat, ModelPlan, Quantization
-from optimizer.stages.base import Stage, StageProblem, StageResult
+from optimizer.stages.base import Stage, StageProblem, StageResult, quantizing_problems
 from optimizer.techniques.auto_quantize import AutoQuantizeConfig, auto_quantize
 
 if TYPE_CHECKING:
@@ -28,14 +27,7 @@ class AutoQuantize(Stage, AutoQuantizeConfig):
 
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
         plan, problems = super().plan(prev, env)
-        if prev.quantization is not None:
-            problems.append(
-                ("", f"the model is already quantized by an earlier stage ({prev.quantization.by})")
-            )
-        if problem := architectures.moe_mixed_problem(
-            prev.dims.model_type if prev.dims is not None else None
-        ):
-            problems.append(("", problem))
+        problems += quantizing_problems(prev, per_layer_formats=True)
         for fmt in self.formats:
             if FORMATS[fmt].needs_gpu and env.gpu is False:
                 problems.append(("formats", f"{fmt} needs a CUDA GPU and this machine has none"))

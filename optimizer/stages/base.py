@@ -125,3 +125,19 @@ class Stage(BaseModel):
 
     def run(self, ctx: StageContext) -> StageResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def quantizing_problems(prev: ModelPlan, *, per_layer_formats: bool = False) -> list[StageProblem]:
+    """What every quantizing stage refuses: a model an earlier stage already quantized, and
+    (for per-layer format mixes) a mixture-of-experts family ModelOpt cannot mix."""
+    from optimizer import architectures
+
+    problems: list[StageProblem] = []
+    if prev.quantization is not None:
+        problems.append(
+            ("", f"the model is already quantized by an earlier stage ({prev.quantization.by})")
+        )
+    model_type = prev.dims.model_type if prev.dims is not None else None
+    if per_layer_formats and (problem := architectures.moe_mixed_problem(model_type)):
+        problems.append(("", problem))
+    return problems

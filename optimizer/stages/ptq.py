@@ -13,7 +13,7 @@ from optimizer import architectures
 from optimizer.errors import OptimizerError
 from optimizer.formats import FORMATS, check_block_size
 from optimizer.plan import Environment, LayerFormat, ModelPlan, Quantization
-from optimizer.stages.base import Stage, StageProblem, StageResult
+from optimizer.stages.base import Stage, StageProblem, StageResult, quantizing_problems
 from optimizer.techniques.quantize import QuantizeConfig, modelopt_recipe_path, quantize
 
 if TYPE_CHECKING:
@@ -30,10 +30,7 @@ class PTQ(Stage, QuantizeConfig):
 
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
         plan, problems = super().plan(prev, env)
-        if prev.quantization is not None:
-            problems.append(
-                ("", f"the model is already quantized by an earlier stage ({prev.quantization.by})")
-            )
+        problems += quantizing_problems(prev)
         if self.modelopt_recipe is not None and modelopt_recipe_path(self.modelopt_recipe) is None:
             problems.append(
                 (

@@ -23,12 +23,11 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from optimizer import architectures
 from optimizer.formats import FORMATS, check_block_size
 from optimizer.inputs import Input
 from optimizer.plan import Environment, LayerFormat, ModelPlan, Quantization
 from optimizer.stages._gating import GateCriteria, baseline_of
-from optimizer.stages.base import Stage, StageProblem, StageResult
+from optimizer.stages.base import Stage, StageProblem, StageResult, quantizing_problems
 from optimizer.techniques.auto_quantize import MIXABLE
 from optimizer.techniques.search import Judged, SearchConfig, SearchState
 
@@ -120,14 +119,7 @@ class Search(Stage, SearchConfig, GateCriteria):
 
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
         plan, problems = super().plan(prev, env)
-        if prev.quantization is not None:
-            problems.append(
-                ("", f"the model is already quantized by an earlier stage ({prev.quantization.by})")
-            )
-        if problem := architectures.moe_mixed_problem(
-            prev.dims.model_type if prev.dims is not None else None
-        ):
-            problems.append(("", problem))
+        problems += quantizing_problems(prev, per_layer_formats=True)
         for key, fmt in (("format", self.format), ("fallback", self.fallback)):
             if fmt == "none":
                 continue
