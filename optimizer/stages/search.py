@@ -278,6 +278,8 @@ class Search(Stage, SearchConfig, GateCriteria):
             result.gate_failure = (
                 f"search: no trial passed the gate in {len(state.trials)} trial(s); kept the "
                 f"best candidate, trial {best.index} (failing: {', '.join(best.failing)}; see "
-                "{run_dir}/search/search.md)"
+                "{run_dir}/"
+                + f"{ctx.directory.stage_dir(ctx.index, self.name).relative_to(ctx.run_dir)}"
+                + "/search/search.md)"
             )
         return result

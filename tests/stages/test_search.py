@@ -133,6 +133,7 @@ def test_a_budget_of_one_trial_exits_3_with_the_best_candidate(planted, tmp_path
     assert main(["run", str(recipe), "-o", str(run), "-q"]) == 3
     err = capsys.readouterr().err
     assert "search: no trial passed the gate in 1 trial(s); kept the best candidate, trial 0" in err
+    assert f"see {run}/stages/00-search/search/search.md" in err
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "gate_failed"
     metrics = record["stages"][0]["metrics"]
