@@ -335,8 +335,6 @@ def search(
             if state.trials[index].passed:
                 break
             continue
-        if index and not state.ranking:
-            break  # unreachable: the ranking is saved with trial 0
         if config.max_minutes is not None and time.time() - started > config.max_minutes * 60:
             log.info("search: %.1f minutes spent, no new trial", config.max_minutes)
             break
