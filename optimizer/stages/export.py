@@ -148,6 +148,15 @@ class Export(Stage):
             ctx.tokenizer().save_pretrained(out)
             result.outputs["trtllm_checkpoint"] = out
             result.metrics["trtllm_checkpoint"] = summary
+            if self.hf_checkpoint:
+                # ModelOpt's TensorRT-LLM export fuses q/k/v and gate/up in place (shared
+                # amax, re-smoothed weights and pre-quant scales), which the unified export
+                # would then write: the HF checkpoint would depend on whether a TensorRT-LLM
+                # checkpoint was asked for, and differ from what a search trial judged. The
+                # unified export starts from the saved hand-over state instead.
+                del model  # (the only other reference is ctx.state.model)
+                model = self._reloaded(ctx)
+                cast_to_storage(model, dtype, ctx.state.compute_dtype)
         if self.hf_checkpoint:
             out = ctx.new_output("hf_checkpoint")
             summary = export_unified_hf_checkpoint(model, out, dtype=dtype)
@@ -155,3 +164,17 @@ class Export(Stage):
             result.outputs["hf_checkpoint"] = out
             result.metrics["hf_checkpoint_bytes"] = summary["bytes"]
         return result
+
+    @staticmethod
+    def _reloaded(ctx: StageContext):
+        """The model as the previous stage left it, read back from its hand-over checkpoint
+        (``ctx.state.checkpoint``), the one in memory dropped first (two copies may not fit)."""
+        import gc
+
+        import torch
+
+        ctx.state.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return ctx.model()

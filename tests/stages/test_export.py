@@ -80,3 +80,27 @@ def test_tensor_and_pipeline_parallel_shards(tiny_llama, tmp_path):
     assert "transformer.vocab_embedding.weight" in first and "lm_head.weight" not in first
     assert "lm_head.weight" in last and "transformer.ln_f.weight" in last
     assert trtllm.check_checkpoint(ckpt) == []
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4_awq"])
+def test_the_hf_checkpoint_does_not_depend_on_a_trtllm_export_beside_it(tiny_llama, tmp_path, fmt):
+    """ModelOpt's TensorRT-LLM export fuses q/k/v and gate/up in place (shared amax,
+    re-smoothed weights); the unified checkpoint written after it in the same stage must still
+    be the one an HF-only export writes, tensor for tensor (the one a search trial judged)."""
+    from safetensors.torch import load_file
+
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    for directory, trtllm_checkpoint in ((both, "{}"), (alone, "null")):
+        directory.mkdir()
+        stages = [
+            f"ptq: {{format: {fmt}}}",
+            f"export: {{trtllm_checkpoint: {trtllm_checkpoint}, hf_checkpoint: true}}",
+        ]
+        assert run_tiny_recipe(directory, tiny_llama, stages) == 0
+    assert (both / "run" / "trtllm_checkpoint").is_dir()
+    assert not (alone / "run" / "trtllm_checkpoint").exists()
+    a = load_file(both / "run" / "hf_checkpoint" / "model.safetensors")
+    b = load_file(alone / "run" / "hf_checkpoint" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    differ = [k for k in a if a[k].dtype != b[k].dtype or not a[k].equal(b[k])]
+    assert differ == []
