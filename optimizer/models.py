@@ -629,7 +629,9 @@ def save_in_dtype(model, out: Path, dtype: str, compute_dtype: str) -> bool:
     # every tensor of the experts module; ModelOpt's per-expert quantizer scalars cannot be
     # split, so a quantized MoE is saved in the in-memory (fused) layout, which loads as is.
     fused_quantized = any(n.endswith("_weight_quantizers") for n, _ in model.named_modules())
-    model.save_pretrained(out, save_original_format=not fused_quantized)
+    # Shards of at most 4 GB (transformers' default is one 50 GB file): the runner hashes
+    # the files of a committed output in parallel (optimizer.rundir.sha256_trees).
+    model.save_pretrained(out, save_original_format=not fused_quantized, max_shard_size="4GB")
     return changed
 
 

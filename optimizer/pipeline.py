@@ -35,7 +35,7 @@ from optimizer.errors import GateFailed, OptimizerError, StageError, StageFailed
 from optimizer.inputs import Input, digests
 from optimizer.recipe import Recipe
 from optimizer.run_record import Output, RunError, RunRecord, StageRecord, now
-from optimizer.rundir import RunDirectory, open_log, sha256_tree
+from optimizer.rundir import RunDirectory, open_log, sha256_trees
 from optimizer.stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -476,11 +476,18 @@ class Runner:
             )
             log.info("stage %s: %s changed; redoing it", stage.name, why)
             return False
-        for out in (old.outputs or {}).values():
-            p = Path(out.path)
-            if not p.exists() or sha256_tree(p) != out.sha256:
-                log.info("stage %s: recorded output %s changed on disk; redoing it", stage.name, p)
-                return False
+        recorded = list((old.outputs or {}).values())
+        missing = [Path(o.path) for o in recorded if not Path(o.path).exists()]
+        present = [o for o in recorded if Path(o.path).exists()]
+        digests = sha256_trees([Path(o.path) for o in present])
+        changed = missing + [
+            Path(o.path) for o, d in zip(present, digests, strict=True) if d != o.sha256
+        ]
+        if changed:
+            log.info(
+                "stage %s: recorded output %s changed on disk; redoing it", stage.name, changed[0]
+            )
+            return False
         return True
 
     def _reuse(self, i: int, stage: Stage, old: StageRecord, state: ModelState) -> None:
@@ -576,17 +583,20 @@ class Runner:
         ctx.tokenizer().save_pretrained(out)
 
     def _commit(self, i: int, stage: Stage, outputs: dict[str, Path]) -> dict[str, Output]:
-        committed = {}
+        finals = {}
         for key, tmp in outputs.items():
             if key in stage.artifact_keys:
                 final = self.dir.path / key
             else:
                 final = self.dir.stage_dir(i, stage.name) / key
             self.dir.commit(tmp, final)
-            # Other ranks do not commit; rank 0's record is the one written.
-            digest = sha256_tree(final) if self.dir.writer else ""
-            committed[key] = Output(path=str(final), sha256=digest)
-        return committed
+            finals[key] = final
+        # Other ranks do not commit; rank 0's record is the one written.
+        digests = sha256_trees(list(finals.values())) if self.dir.writer else [""] * len(finals)
+        return {
+            key: Output(path=str(final), sha256=digest)
+            for (key, final), digest in zip(finals.items(), digests, strict=True)
+        }
 
     def _publish_artifacts(self, stage: Stage, entry: StageRecord) -> None:
         self.record.artifacts.update(stage.artifacts(entry.output_paths()))

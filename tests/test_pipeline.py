@@ -313,3 +313,41 @@ def test_weights_are_counted_once_and_in_the_recipes_dtype(tmp_path):
         _json.dumps({"metadata": {"total_size": 4000}, "weight_map": {}})
     )
     assert weight_bytes(d, "float32") == 4000
+
+
+def test_output_digests_hashed_in_parallel_follow_the_sequential_definition(tmp_path):
+    """sha256_trees hashes files concurrently; each digest must still be sha256 over the
+    sorted "relative path NUL file-sha256 LF" lines of its tree (a file: its own sha256),
+    bytecode caches left out, so records written before stay valid."""
+    import hashlib
+
+    from optimizer.rundir import sha256_trees
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    files = {
+        a / "model-00001-of-00002.safetensors": b"x" * 300_000,
+        a / "model-00002-of-00002.safetensors": b"y" * 5,
+        a / "sub" / "config.json": b"{}",
+        a / "sub-x" / "t.json": b"1",  # path order (sub < sub-x) is not string order
+        a / "__pycache__" / "m.cpython-311.pyc": b"ignored",
+        b / "only.bin": b"z",
+    }
+    for f, data in files.items():
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(data)
+    single = tmp_path / "report.md"
+    single.write_bytes(b"report")
+
+    def reference(root):
+        h = hashlib.sha256()
+        for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            rel = f.relative_to(root).as_posix()
+            h.update(rel.encode() + b"\0" + hashlib.sha256(f.read_bytes()).hexdigest().encode())
+            h.update(b"\n")
+        return h.hexdigest()
+
+    got = sha256_trees([a, single, b])
+    assert got == [reference(a), hashlib.sha256(b"report").hexdigest(), reference(b)]
+    assert sha256_tree(a) == got[0] and sha256_trees([]) == []
+    (a / "sub" / "config.json").write_bytes(b"{ }")
+    assert sha256_trees([a])[0] != got[0]
