@@ -510,6 +510,8 @@ class Runner:
             state.model = None  # later stages load exactly the saved state
         if stage.invalidates_model:
             state.model = None
+        if state.model is None:
+            hardware.release_memory()
         self._save()
 
     def _run_one(self, i: int, stage: Stage, state: ModelState) -> None:
@@ -566,6 +568,7 @@ class Runner:
             state.checkpoint = Path(outputs["model"].path)
         if stage.invalidates_model:
             state.model = None
+            hardware.release_memory()
         log.info(
             "[%d/%d] %s: done in %.1f s", i + 1, len(self.recipe.stages), stage.name, entry.seconds
         )

@@ -169,12 +169,8 @@ class Export(Stage):
     def _reloaded(ctx: StageContext):
         """The model as the previous stage left it, read back from its hand-over checkpoint
         (``ctx.state.checkpoint``), the one in memory dropped first (two copies may not fit)."""
-        import gc
-
-        import torch
+        from optimizer.hardware import release_memory
 
         ctx.state.model = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
         return ctx.model()
