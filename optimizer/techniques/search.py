@@ -14,10 +14,15 @@ quantizers and the pipeline's own gate as the judge):
    higher-precision format), ``n_1 = first_step`` and growing by ``growth``, re-quantizes
    and re-judges, until a trial passes or the budget (trials, minutes) runs out.
 
-Every trial re-quantizes the pristine base weights with its per-layer formats and
-re-calibrates all of them: moving a group changes the inputs of every layer after it, so
-their scales from an earlier trial would be stale (and the result would depend on the trial
-order). What trials share is the calibration data and the judge's baseline.
+Each trial re-calibrates only what changed: the groups moved since the previous trial get
+their pristine base weights back (AWQ and SmoothQuant fold their scales into the weights)
+and, with a fallback format, its quantizers max-calibrated; every other layer keeps the
+previous trial's scales. That is exact, not an approximation: ModelOpt calibrates on the
+unquantized forward (its calibration mode passes activations through unquantized and AWQ's
+search returns the unquantized output), so a layer's scales do not depend on the other
+layers' formats (tests/stages/test_search.py checks the result tensor for tensor against a
+full re-quantization). A resumed search, whose previous trial is not in memory, quantizes
+the base model afresh. What trials share is the calibration data and the judge's baseline.
 
 Example::
 
@@ -276,6 +281,46 @@ def quantize_trial(model, config: SearchConfig, moved_modules: list[str], forwar
     return trial
 
 
+def advance_trial(trial, base, config: SearchConfig, newly_moved: list[str], forward_loop):
+    """``trial`` (a quantized copy of ``base``) with ``newly_moved`` modules also in the
+    fallback, changed in place: only those modules are reset and re-calibrated (see the module
+    docstring for why the other layers' scales stay valid)."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    for name in newly_moved:
+        module = trial.get_submodule(name)
+        module.weight.data.copy_(base.get_submodule(name).weight.data)
+        for quantizer in (module.input_quantizer, module.weight_quantizer):
+            for buffer in ("_pre_quant_scale", "_amax"):
+                if hasattr(quantizer, buffer):
+                    delattr(quantizer, buffer)
+    if config.fallback == "none":
+        set_quantizer_by_cfg(
+            trial, [{"quantizer_name": f"{m}*", "enable": False} for m in newly_moved]
+        )
+        return trial
+    set_quantizer_by_cfg(trial, fallback_entries(config, newly_moved))
+    # Calibrate the moved modules alone: every other quantizer off for the pass (disabled
+    # quantizers still apply their pre-quant scales, so activations are unchanged).
+    others = [
+        q
+        for n, q in trial.named_modules()
+        if isinstance(q, TensorQuantizer)
+        and q.is_enabled
+        and not any(n.startswith(f"{m}.") for m in newly_moved)
+    ]
+    for q in others:
+        q.disable()
+    try:
+        mtq.calibrate(trial, "max", forward_loop)
+    finally:
+        for q in others:
+            q.enable()
+    return trial
+
+
 def size_of(model, groups: list[list[str]], moved: set[str], config: SearchConfig):
     """(effective weight bits over the searched linears, estimated bytes of the model's
     weights) when the groups in ``moved`` hold the fallback."""
@@ -340,8 +385,20 @@ def search(
             break
         t0 = time.time()
         moved = [g for g, _ in state.ranking[:count]]
+        if last is not None and last[0] == index - 1:
+            # The previous trial moved a prefix of the same ranking: move the rest onto it.
+            earlier = set(state.trials[index - 1].moved)
+            newly = [m for g in moved if g not in earlier for m in members[g]]
+            log.info(
+                "search trial %d: re-calibrating the %d module(s) moved since trial %d",
+                index,
+                len(newly),
+                index - 1,
+            )
+            trial = advance_trial(last[1], model, config, newly, forward_loop)
+        else:
+            trial = quantized(moved)
         last = None  # at most one trial's model alive besides the base
-        trial = quantized(moved)
         verdict = judge(trial)
         bits, size = size_of(model, state.groups, set(moved), config)
         if index == 0 and not verdict.passed:

@@ -173,3 +173,54 @@ def test_moved_counts_grow_within_the_budget():
     slow = SearchConfig(format="int4_awq", max_trials=4, first_step=3, growth=1.0)
     assert moved_counts(slow, 100) == [0, 3, 4, 5]
     assert moved_counts(SearchConfig(format="fp8", max_trials=1), 10) == [0]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "fallback"), [("int4_awq", "fp8"), ("int4_awq", "none"), ("int8_sq", "none")]
+)
+def test_moving_groups_onto_the_previous_trial_equals_quantizing_afresh(tmp_path, fmt, fallback):
+    """advance_trial re-calibrates only the newly moved modules of the previous trial; the
+    result must be the full re-quantization's, tensor for tensor (weights, amax, pre-quant
+    scales): ModelOpt calibrates every layer on the unquantized forward, so the other layers'
+    scales do not depend on which layers moved. A wrong reset (AWQ's folded scale left in a
+    moved weight, its pre-quant scale kept, stale amax) or a calibration that touched the other
+    layers would differ."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from optimizer.techniques.search import advance_trial, quantize_trial
+
+    path = make_tiny_llama(tmp_path / "model", layers=2, hidden=64, intermediate=128)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, base.config.vocab_size, (2, 16), generator=g) for _ in range(3)]
+
+    def forward_loop(m):
+        for b in batches:
+            m(b)
+
+    config = SearchConfig(format=fmt, group_size=32 if "awq" in fmt else None, fallback=fallback)
+    first = ["model.layers.1.mlp.down_proj"]
+    then = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.self_attn.v_proj",
+    ]
+    advanced = advance_trial(
+        quantize_trial(base, config, first, forward_loop), base, config, then, forward_loop
+    )
+    fresh = quantize_trial(base, config, first + then, forward_loop)
+    a, b = advanced.state_dict(), fresh.state_dict()
+    assert sorted(a) == sorted(b)
+    differ = [
+        k
+        for k in a
+        if a[k].shape != b[k].shape or not torch.allclose(a[k], b[k], rtol=1e-6, atol=0)
+    ]
+    assert differ == []
+    if fallback == "none":
+        assert not advanced.get_submodule(then[0]).weight_quantizer.is_enabled
+    else:
+        assert advanced.get_submodule(then[0]).weight_quantizer.num_bits == (4, 3)  # FP8 E4M3
+    # the base model was left as it was
+    assert torch.equal(base.get_submodule(then[0]).weight, fresh.get_submodule(then[0]).weight)
