@@ -712,7 +712,10 @@ NOTES = """\
   with its ModelOpt state after ptq (the resume hand-over), checks both exports, repairs the
   TensorRT-LLM rope settings, and its gate evaluates the model *rebuilt from the HF export's
   files* (what a server loads) where the bare script evaluates the live fake-quant model;
-  it writes reports and run.json.
+  it hashes every committed output for run.json, and (since 2026-12-03, after the first H200
+  run) reloads the hand-over before the HF export when a TensorRT-LLM export ran first
+  (ModelOpt's TensorRT-LLM export fuses q/k/v and gate/up in place, which the bare script's
+  HF export then writes); it writes reports and run.json.
 - The pipeline does some things faster: lm-eval through its prefix-sharing HFLM (each
   question's context scored once for all choices), and calibration with the logits of the
   last position only when the output layer is not quantized (the same scales; `logits` in
