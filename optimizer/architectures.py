@@ -8,14 +8,17 @@ configs (tests/test_families.py keeps them true):
 
 - ModelOpt writes a TensorRT-LLM 1.2 checkpoint only for decoders its manual config path
   knows (llama, gemma, gpt, qwen: ``convert_to_tensorrt_llm_config``); Gemma 2/3 and Phi-3
-  raise ``NotImplementedError``, Mixtral and Qwen3-MoE fail in ``build_moe_config`` (fused
-  experts of transformers 5 are not iterable). The unified HF checkpoint works for all.
-- transformers 5 keeps MoE experts as fused 3D tensors; ModelOpt's AWQ re-smoothing at
-  export indexes experts one by one (``get_experts_list``) and crashes on them, so AWQ
-  formats cannot be exported for an MoE model; its SmoothQuant leaves fused experts
-  unsmoothed (no ``pre_quant_scale``), it quantizes fused experts as a whole (an exclusion of
-  one projection is exported half-quantized), and its per-layer mixes name expert
-  projections nothing maps back.
+  raise ``NotImplementedError``. For Qwen3-MoE its ``build_moe_config`` asserts on the
+  decoder type; for Mixtral it writes stacked experts that this pipeline's TensorRT-LLM
+  checker and rebuild do not read. The unified HF checkpoint works for all.
+- transformers 5 keeps MoE experts as fused 3D tensors, which ModelOpt 0.47's AWQ and
+  SmoothQuant exports cannot handle; the ptq stage therefore unfuses them into one module
+  per expert first (optimizer/techniques/unfused_experts.py), and fp8, int4_awq and int8_sq
+  then export per-expert tensors (AWQ / SmoothQuant ``pre_quant_scale`` included). w4a8_awq
+  still fails at export (ModelOpt's gate/up amax sync cannot reshape its two-level weight
+  quantizers), nvfp4_awq is unverified (its export needs a GPU), and the gate's rebuild reads
+  a block's experts in one format, so exclusions of single expert projections and per-layer
+  mixes (auto_quantize, search) stay refused.
 - The unified checkpoint stores experts under per-expert hub names
   (``experts.E.gate_proj``); the gate's rebuild stacks them back into transformers' fused
   experts (optimizer/unified/experts.py).
@@ -37,6 +40,8 @@ class Family:
     moe: bool = False
     #: ModelOpt 0.47 writes a TensorRT-LLM 1.2 checkpoint of it.
     trtllm_checkpoint: bool = True
+    #: Why not, when it is not that ModelOpt's exporter has no config for the family.
+    trtllm_why: str = ""
 
 
 FAMILIES = (
@@ -47,8 +52,21 @@ FAMILIES = (
     Family("Gemma 2", ("gemma2",), trtllm_checkpoint=False),
     Family("Gemma 3 (text)", ("gemma3_text",), trtllm_checkpoint=False),
     Family("Phi-3", ("phi3",), trtllm_checkpoint=False),
-    Family("Mixtral", ("mixtral",), moe=True, trtllm_checkpoint=False),
-    Family("Qwen3-MoE", ("qwen3_moe",), moe=True, trtllm_checkpoint=False),
+    Family(
+        "Mixtral",
+        ("mixtral",),
+        moe=True,
+        trtllm_checkpoint=False,
+        trtllm_why="ModelOpt 0.47 writes its experts stacked, a layout this pipeline's "
+        "TensorRT-LLM checker and rebuild do not read yet",
+    ),
+    Family(
+        "Qwen3-MoE",
+        ("qwen3_moe",),
+        moe=True,
+        trtllm_checkpoint=False,
+        trtllm_why="ModelOpt 0.47's MoE config builder knows no Qwen3-MoE decoder",
+    ),
 )
 
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
@@ -64,15 +82,15 @@ def trtllm_checkpoint_problem(model_type: str | None) -> str | None:
     fam = family(model_type)
     if fam is None or fam.trtllm_checkpoint:
         return None
-    why = (
-        "its fused experts (transformers 5) are not what ModelOpt's TensorRT-LLM exporter reads"
-        if fam.moe
-        else "ModelOpt's TensorRT-LLM exporter has no config for it"
+    what = (
+        f"no TensorRT-LLM checkpoint for {fam.name}: {fam.trtllm_why}"
+        if fam.trtllm_why
+        else f"ModelOpt 0.47 writes no TensorRT-LLM checkpoint for {fam.name} (ModelOpt's "
+        "TensorRT-LLM exporter has no config for it)"
     )
     return (
-        f"ModelOpt 0.47 writes no TensorRT-LLM checkpoint for {fam.name} ({why}); set "
-        "trtllm_checkpoint: null and hf_checkpoint: true (TensorRT-LLM's PyTorch backend, vLLM "
-        "and SGLang load the unified checkpoint)"
+        f"{what}; set trtllm_checkpoint: null and hf_checkpoint: true (TensorRT-LLM's PyTorch "
+        "backend, vLLM and SGLang load the unified checkpoint)"
     )
 
 
@@ -82,35 +100,40 @@ def _moe(model_type: str | None) -> Family | None:
     return fam if fam is not None and fam.moe else None
 
 
+#: Formats whose unified export of an MoE model fails or is unverified, and why.
+MOE_EXPORT_REFUSED = {
+    "w4a8_awq": "ModelOpt 0.47's gate/up amax sync at export cannot reshape its two-level "
+    "(INT4 + FP8) weight quantizers of the experts",
+    "nvfp4_awq": "not verified on mixtures of experts yet (its export needs a GPU)",
+}
+
+
 def moe_export_problem(model_type: str | None, formats: list[str]) -> str | None:
-    """Why the unified export of an MoE model quantized as ``formats`` would fail (or be
-    inconsistent)."""
+    """Why the unified export of an MoE model quantized as ``formats`` would fail (or is
+    unverified)."""
     fam = _moe(model_type)
     if fam is None:
         return None
-    awq = [f for f in formats if "awq" in f]
-    if awq:
-        return (
-            f"{', '.join(awq)} cannot be exported for {fam.name}: ModelOpt 0.47's AWQ "
-            "re-smoothing at export indexes experts one by one, and transformers 5 fuses them; "
-            "use fp8 (or nvfp4 on a GPU)"
-        )
-    if "int8_sq" in formats:
-        return (
-            f"int8_sq on {fam.name}: ModelOpt 0.47 does not smooth fused experts, so their "
-            "export lacks the pre_quant_scale a W8A8 SmoothQuant layer needs; use fp8 (or "
-            "nvfp4 on a GPU)"
-        )
+    for fmt in formats:
+        if fmt in MOE_EXPORT_REFUSED:
+            return (
+                f"{fmt} cannot be exported for {fam.name}: {MOE_EXPORT_REFUSED[fmt]}; use "
+                "int4_awq, int8_sq or fp8"
+            )
     return None
 
 
-#: Names an expert projection of a fused MoE block has (on disk and in memory): an exclusion
-#: matching one cannot be kept by ModelOpt 0.47, which neither quantizes single projections
-#: of fused experts apart nor lists them in ``exclude_modules``.
+#: Names an expert projection of an MoE block has (on disk and in memory): the gate's rebuild
+#: reads a block's experts in one format (fused, as transformers 5 computes them), so an
+#: exclusion matching one is refused.
 _EXPERT_NAMES = (
     "model.layers.0.mlp.experts",
-    *(f"model.layers.0.mlp.experts.0.{p}" for p in ("gate_proj", "up_proj", "down_proj")),
-    *(f"model.layers.0.block_sparse_moe.experts.0.{p}" for p in ("w1", "w2", "w3")),
+    *(
+        f"model.layers.0.{block}.experts.{e}.{p}"
+        for e in range(512)  # (as many experts as the largest MoE checkpoints have)
+        for block in ("mlp", "block_sparse_moe")
+        for p in ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+    ),
 )
 
 
@@ -125,9 +148,10 @@ def moe_exclude_problem(model_type: str | None, patterns: list[str]) -> str | No
     if not hit:
         return None
     return (
-        f"{hit[0]!r} matches expert projections of {fam.name}: ModelOpt 0.47 quantizes "
-        "transformers 5's fused experts as a whole and would export them half-quantized; "
-        "exclude whole layers' attention or the lm_head instead"
+        f"{hit[0]!r} matches expert projections of {fam.name}: the gate's rebuild reads a "
+        "block's experts in one format (as transformers 5's fused experts compute), so an "
+        "export with some of them unquantized is not evaluated; exclude whole layers' "
+        "attention or the lm_head instead"
     )
 
 
@@ -137,8 +161,22 @@ def moe_mixed_problem(model_type: str | None) -> str | None:
     if fam is None:
         return None
     return (
-        f"auto_quantize on {fam.name} is not supported yet: its per-layer mix names expert "
-        "projections that the export and the gate's rebuild do not map onto fused experts"
+        f"auto_quantize on {fam.name} is not supported yet: a per-layer mix may give a "
+        "block's experts different formats, and the gate's rebuild reads a block's experts "
+        "in one (not verified end to end)"
+    )
+
+
+def moe_offload_problem(model_type: str | None, stage_names: list[str]) -> str | None:
+    """Why ``model.max_memory`` (sharding / offload) cannot be honoured for this recipe: ptq
+    unfuses an MoE model's experts (techniques.unfused_experts) and its hand-over loads onto
+    one device."""
+    fam = _moe(model_type)
+    if fam is None or "ptq" not in stage_names:
+        return None
+    return (
+        f"not supported yet for {fam.name} with a ptq stage: ptq quantizes the experts one "
+        "module each and the quantized hand-over loads onto one device; remove max_memory"
     )
 
 
@@ -146,6 +184,8 @@ def support_matrix() -> str:
     """The family x target table of the README (tests/test_families.py checks that the README
     holds exactly this, and has a tiny-model test for every cell)."""
     yes, no = "✓", "✗"
+    # (MoE: the experts are unfused for ModelOpt; its w4a8_awq export still fails on them)
+    moe_awq = f"{yes} (int4_awq; w4a8_awq {no})"
     rows = [
         "| family | `model_type` | PTQ -> unified HF checkpoint, gate on it | AWQ formats | "
         "TensorRT-LLM 1.2 checkpoint |",
@@ -154,7 +194,7 @@ def support_matrix() -> str:
     for f in FAMILIES:
         types = ", ".join(f"`{t}`" for t in f.model_types)
         rows.append(
-            f"| {f.name} | {types} | {yes} | {no if f.moe else yes} | "
+            f"| {f.name} | {types} | {yes} | {moe_awq if f.moe else yes} | "
             f"{yes if f.trtllm_checkpoint else no} |"
         )
     return "\n".join(rows) + "\n"

@@ -512,13 +512,22 @@ def load_model(
     )
     import pickle
 
+    from optimizer.techniques import unfused_experts
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=torch_dtype(dtype),
-            trust_remote_code=trust_remote_code,
-            **kwargs,
-        )
+        if unfused_experts.is_unfused_checkpoint(path):
+            # A quantized MoE hand-over (ptq unfuses the experts): from_pretrained would
+            # restore ModelOpt's per-expert state onto fused experts.
+            model = unfused_experts.load_unfused_checkpoint(
+                path, torch_dtype(dtype), single_device(kwargs, path)
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=torch_dtype(dtype),
+                trust_remote_code=trust_remote_code,
+                **kwargs,
+            )
     except pickle.UnpicklingError as e:
         # ModelOpt restores modelopt_state.pth with torch.load(weights_only=True): a pickle
         # that would run code (or holds anything but tensors and plain data) stops here.
@@ -538,6 +547,20 @@ def load_model(
     if "max_memory" in kwargs:
         log.info("placement under model.max_memory: %s", placement_summary(model))
     return model
+
+
+def single_device(kwargs: dict[str, Any], path: Path) -> Any:
+    """The one device a model loaded outside ``from_pretrained`` goes to, for the placement
+    arguments ``kwargs`` (:func:`placement`); a cap on GPU memory cannot be honoured."""
+    device_map = kwargs.get("device_map")
+    if "max_memory" in kwargs:
+        raise OptimizerError(
+            f"{path}: model.max_memory (offloading) is not supported for a quantized "
+            "mixture-of-experts hand-over yet; remove it, or resume on a larger GPU"
+        )
+    if isinstance(device_map, dict):
+        return f"cuda:{device_map['']}"
+    return "cuda:0" if device_map == "auto" else None
 
 
 def placement_summary(model) -> str:
@@ -626,8 +649,10 @@ def save_in_dtype(model, out: Path, dtype: str, compute_dtype: str) -> bool:
     :func:`cast_to_storage`); True if the live model was rounded and must be reloaded."""
     changed = cast_to_storage(model, dtype, compute_dtype)
     # transformers 5 saves fused MoE experts under their per-expert hub names by splitting
-    # every tensor of the experts module; ModelOpt's per-expert quantizer scalars cannot be
-    # split, so a quantized MoE is saved in the in-memory (fused) layout, which loads as is.
+    # every tensor of the experts module; ModelOpt's per-expert quantizer scalars of fused
+    # experts cannot be split, so such a model is saved in the in-memory (fused) layout. (ptq
+    # unfuses experts first: those save under the hub names, which load_model reads back
+    # through techniques.unfused_experts.)
     fused_quantized = any(n.endswith("_weight_quantizers") for n, _ in model.named_modules())
     # Shards of at most 4 GB (transformers' default is one 50 GB file): the runner hashes
     # the files of a committed output in parallel (optimizer.rundir.sha256_trees).

@@ -250,3 +250,25 @@ def make_tiny_family(path: Path, model_type: str, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def plant_a_dead_expert(src: Path, out: Path, expert: int = 3) -> Path:
+    """A copy of a tiny MoE whose router never picks ``expert``: every token's hidden state
+    gets a large constant component (embedding column 0), and the expert's router row
+    points against it."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from optimizer.techniques.moe import routers
+
+    shutil.copytree(src, out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = 10.0
+        for router in routers(model).values():
+            router.weight[:, 0] = 0.0  # the other experts ignore the constant component
+            router.weight[expert, 0] = -100.0
+    model.to(torch.bfloat16).save_pretrained(out)
+    return out

@@ -84,8 +84,12 @@ class PTQ(Stage, QuantizeConfig):
 
     def run(self, ctx: StageContext) -> StageResult:
         from optimizer.techniques.sparsify import lost_zeros, sparse_masks
+        from optimizer.techniques.unfused_experts import unfuse_experts
 
         model = ctx.model()
+        # ModelOpt quantizes and exports MoE experts one module each (techniques.unfused_experts)
+        if unfused := unfuse_experts(model):
+            ctx.log.info("unfused the experts of %d MoE blocks for quantization", len(unfused))
         # A 2:4-sparse model must stay so: quantization maps 0 to 0, but an algorithm that
         # rewrites weights (GPTQ in a ModelOpt recipe) would not.
         masks = sparse_masks(model) if ctx.plan is not None and ctx.plan.sparsity else {}

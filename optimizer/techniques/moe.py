@@ -1,16 +1,18 @@
 """Mixture-of-experts calibration coverage: how many calibration tokens each expert received.
 
-ModelOpt 0.47 quantizes transformers 5's fused experts with a weight quantizer per expert,
-calibrated from the expert's weights (so an expert that no calibration token reached still
-gets a weight scale), and one input quantizer per block, shared by its experts. What it does
-not say on transformers 5 is which experts the calibration data never reached (it counts
-tokens per expert only in its sparse-MoE wrapper, which wraps transformers 5's fused blocks
-only with ``moe_calib_experts_ratio`` set): their activations were never seen, so their share
-of the block's input scale is a guess. This module counts the tokens each router sends to
-each expert, with forward hooks on the routers (transformers 5's ``*TopKRouter`` modules
-return ``(logits, scores, indices)``), so the ptq stage can report the experts that got
-none. The counts add up every forward pass of the calibration (algorithms that run the data
-more than once count it more than once): zero is what they tell exactly.
+The ptq stage quantizes MoE experts one module each (optimizer/techniques/unfused_experts.py):
+ModelOpt 0.47 then gives every expert projection its own weight quantizer, calibrated from
+the expert's weights (so an expert that no calibration token reached still gets a weight
+scale), and syncs the input scales of a block's experts to their maximum; AWQ gives an expert
+without tokens a ``pre_quant_scale`` of 1, then the export averages it over the block's
+experts. What ModelOpt does not report is which experts the calibration data never reached
+(it counts tokens per expert only with ``moe_calib_experts_ratio`` set): their activations
+were never seen, so their share of the block's scales is a guess. This module counts the
+tokens each router sends to each expert, with forward hooks on the routers (transformers 5's
+``*TopKRouter`` modules return ``(logits, scores, indices)``; unfusing keeps them), so the
+ptq stage can report the experts that got none. The counts add up every forward pass of the
+calibration (algorithms that run the data more than once count it more than once): zero is
+what they tell exactly.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ def fused_experts(model) -> dict[str, Any]:
 
 
 def quantized_expert_projections(model) -> list[str]:
-    """``<experts>.<e>.<proj>`` of every expert projection ModelOpt quantizes (its fused
-    experts carry a ``<proj>_weight_quantizers`` list, one per expert)."""
+    """``<experts>.<e>.<proj>`` of every expert projection ModelOpt quantizes inside fused
+    experts (a ``<proj>_weight_quantizers`` list, one per expert: families ptq does not unfuse,
+    or a hand-over saved before it did); unfused experts are plain quantized linears, counted
+    with the others."""
     names = []
     for name, module in model.named_modules():
         for child, quantizers in module.named_children():

@@ -419,8 +419,8 @@ def assemble(
         tensors = experts.rename_blocks(tensors, model)
 
         def read_projection(name: str):
-            """(weight, input_scale, activation kind, quantized) of one stored expert
-            projection, by its on-disk name."""
+            """(weight, input_scale, activation kind, quantized, pre_quant_scale) of one
+            stored expert projection, by its on-disk name."""
             if f"{name}.weight" not in tensors:
                 raise OptimizerError(f"{path}: the checkpoint lacks {name}.weight")
             if f"{name}.weight_scale" not in tensors:  # stored unquantized
@@ -436,13 +436,16 @@ def assemble(
                         "missing) nor in exclude_modules"
                     )
                 consumed.add(f"{name}.weight")
-                return weight.to(target), None, None, False
+                return weight.to(target), None, None, False, None
             weight, act_kind, input_scale, pqs = _read_quantized(
                 path, scheme, tensors, name, consumed
             )
-            if pqs is not None:
-                raise OptimizerError(f"{path}: {name}: pre_quant_scale on an expert (AWQ on MoE)")
-            return weight, input_scale, act_kind, True
+            if pqs is not None and tuple(pqs.shape) != (weight.shape[1],):
+                raise OptimizerError(
+                    f"{path}: {name}.pre_quant_scale {tuple(pqs.shape)}, the expert takes "
+                    f"{weight.shape[1]} inputs"
+                )
+            return weight, input_scale, act_kind, True, pqs
 
         expert_state, hooks = experts.rebuild_experts(
             model, tensors, read_projection, fake_activation, consumed, target, path

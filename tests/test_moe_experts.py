@@ -1,0 +1,199 @@
+"""MoE experts unfused for ModelOpt (optimizer/techniques/unfused_experts.py) on tiny Mixtral
+and Qwen3-MoE models: the unfused model computes what the fused one does, every format's
+export stores per-expert weights that dequantize to the source's, an expert the calibration
+never reached is still reported and exported, and a run killed after ptq resumes from the
+hand-over (reloaded with unfused experts) to the same export."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+from tiny import make_tiny_family, plant_a_dead_expert, run_killed_at, run_tiny_recipe
+
+from optimizer.cli import main
+
+torch = pytest.importorskip("torch")
+
+IDS = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+#: (gate, up, down) names ModelOpt's exporter writes per family.
+PROJECTIONS = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w3", "w2")}
+BLOCK = {"qwen3_moe": "mlp", "mixtral": "block_sparse_moe"}
+EXPORT = "export: {trtllm_checkpoint: null, hf_checkpoint: true}"
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {t: make_tiny_family(root / t, t) for t in PROJECTIONS}
+
+
+def ptq(fmt: str) -> str:
+    return f"ptq: {{format: {fmt}{', group_size: 32' if 'awq' in fmt else ''}}}"
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+@pytest.mark.parametrize("model_type", list(PROJECTIONS))
+def test_unfused_experts_compute_exactly_what_the_fused_ones_compute(moe_models, model_type):
+    from transformers import AutoModelForCausalLM
+
+    from optimizer.techniques.moe import routers
+    from optimizer.techniques.unfused_experts import unfuse_experts, unfused_experts
+
+    model = AutoModelForCausalLM.from_pretrained(moe_models[model_type], dtype=torch.float32)
+    fused = logits(model)
+    names = unfuse_experts(model)
+    assert names == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    assert unfuse_experts(model) == []  # (once is all)
+    assert torch.equal(logits(model), fused)
+    experts = unfused_experts(model)["model.layers.0.mlp.experts"]
+    assert len(experts) == 4 and all(hasattr(experts[0], p) for p in PROJECTIONS[model_type])
+    assert len(routers(model)) == 2  # the calibration coverage hooks still find the routers
+
+
+#: Relative Frobenius error of every exported expert projection (dequantized, AWQ/SmoothQuant
+#: pre_quant_scale folded back in) from the source's fused weights: the bound, and what was
+#: measured (max over the experts of both layers).
+DEQUANT_BOUNDS = {
+    ("qwen3_moe", "fp8"): 0.04,  # measured 0.028
+    ("qwen3_moe", "int4_awq"): 0.15,  # measured 0.113 (round-to-nearest INT4 alone: 0.097)
+    ("qwen3_moe", "int8_sq"): 0.02,  # measured 0.0097
+    ("mixtral", "fp8"): 0.04,  # measured 0.027
+    ("mixtral", "int4_awq"): 0.15,  # measured 0.111
+}
+
+
+@pytest.mark.parametrize(("model_type", "fmt"), list(DEQUANT_BOUNDS))
+def test_each_exported_expert_dequantizes_to_the_source_weights(
+    moe_models, tmp_path, model_type, fmt
+):
+    from safetensors.torch import load_file
+
+    from optimizer.unified.rebuild import ALGORITHMS, dequantize_weight, read_scheme
+
+    src = moe_models[model_type]
+    assert run_tiny_recipe(tmp_path, src, [ptq(fmt), EXPORT]) == 0
+    export = tmp_path / "run" / "hf_checkpoint"
+    assert main(["check", str(export)]) == 0
+    tensors = load_file(export / "model.safetensors")
+    source = load_file(src / "model.safetensors")
+    kind, _ = ALGORITHMS[read_scheme(export).quant_algo]
+    gate, up, down = PROJECTIONS[model_type]
+    errors = []
+    for layer in range(2):
+        for e in range(4):
+            prefix = f"model.layers.{layer}.{BLOCK[model_type]}.experts.{e}"
+            for proj in (gate, up, down):
+                stored = {
+                    k.rsplit(".", 1)[1]: v
+                    for k, v in tensors.items()
+                    if k.startswith(f"{prefix}.{proj}.")
+                }
+                weight = dequantize_weight(kind, stored, f"{prefix}.{proj}")
+                if "pre_quant_scale" in stored:  # the runtime computes (x * s) @ W^T
+                    weight = weight * stored["pre_quant_scale"].float()[None, :]
+                else:
+                    assert fmt == "fp8", f"{prefix}.{proj} lacks its pre_quant_scale"
+                want = source[f"{prefix}.{proj}.weight"].float()
+                errors.append(((weight - want).norm() / want.norm()).item())
+    assert len(errors) == 24
+    assert max(errors) < DEQUANT_BOUNDS[(model_type, fmt)], max(errors)
+
+
+def test_an_expert_without_calibration_tokens_is_reported_and_still_exported(moe_models, tmp_path):
+    """AWQ gives an expert no token reached a pre_quant_scale of 1, the export the block's
+    average: the run says which expert it was, and the export still checks and rebuilds."""
+    from optimizer.unified.rebuild import rebuild
+
+    model = plant_a_dead_expert(moe_models["qwen3_moe"], tmp_path / "dead")
+    assert run_tiny_recipe(tmp_path, model, [ptq("int4_awq"), EXPORT], num_samples=4) == 0
+    run = tmp_path / "run"
+    moe = json.loads((run / "run.json").read_text())["stages"][0]["metrics"]["moe_calibration"]
+    assert moe["experts_without_tokens"] == [
+        "model.layers.0.mlp.gate[3]",
+        "model.layers.1.mlp.gate[3]",
+    ]
+    assert "2 of 8 experts received no calibration tokens" in (run / "logs" / "run.log").read_text()
+    assert main(["check", str(run / "hf_checkpoint")]) == 0
+    assert torch.isfinite(logits(rebuild(run / "hf_checkpoint", "float32").model)).all()
+
+
+def test_a_run_killed_after_ptq_resumes_from_the_moe_hand_over_to_the_same_export(
+    moe_models, tmp_path
+):
+    from optimizer.models import load_model
+    from optimizer.techniques.unfused_experts import unfused_experts
+
+    stages = [ptq("int4_awq"), EXPORT]
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    assert run_tiny_recipe(reference, moe_models["mixtral"], stages) == 0
+    ref = json.loads((reference / "run" / "run.json").read_text())
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    recipe = reference / "recipe.yaml"
+    proc = run_killed_at(recipe, killed / "run", "optimizer.stages.export:Export")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    hand_over = killed / "run" / "stages" / "00-ptq" / "model"
+    model = load_model(hand_over, "float32")  # ModelOpt's per-expert state, restored
+    assert len(unfused_experts(model)) == 2
+    assert main(["run", str(recipe), "-o", str(killed / "run"), "-q", "--resume"]) == 0
+    rec = json.loads((killed / "run" / "run.json").read_text())
+    assert [s["status"] for s in rec["stages"]] == ["skipped", "success"]
+    ours = rec["stages"][1]["outputs"]["hf_checkpoint"]["sha256"]
+    assert ours == ref["stages"][1]["outputs"]["hf_checkpoint"]["sha256"]
+
+
+def test_an_unfused_hand_over_refuses_offloading(moe_models, tmp_path):
+    from optimizer.errors import OptimizerError
+    from optimizer.models import single_device
+
+    with pytest.raises(OptimizerError, match="max_memory .offloading. is not supported"):
+        single_device({"device_map": "auto", "max_memory": {0: 1}}, tmp_path)
+    assert single_device({"device_map": None}, tmp_path) is None
+    assert single_device({"device_map": {"": 1}}, tmp_path) == "cuda:1"
+
+
+def test_the_tensorrt_llm_refusals_still_hold_with_unfused_experts(moe_models, tmp_path):
+    """The support matrix's ✗ for a TensorRT-LLM checkpoint of an MoE: with the experts
+    unfused, ModelOpt's MoE config builder still asserts on Qwen3-MoE, and writes Mixtral's
+    experts stacked ([E, ...] per projection), which the checker refuses (when either changes,
+    this test says to update optimizer/architectures.py)."""
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoModelForCausalLM
+
+    from optimizer.exporters import export_trtllm_checkpoint
+    from optimizer.techniques.quantize import QuantizeConfig
+    from optimizer.techniques.unfused_experts import unfuse_experts
+
+    for model_type in PROJECTIONS:
+        model = AutoModelForCausalLM.from_pretrained(moe_models[model_type], dtype=torch.float32)
+        unfuse_experts(model)
+        mtq.quantize(model, QuantizeConfig(format="fp8").modelopt_config(), logits)
+        # (the exporter runs the checker on what ModelOpt wrote)
+        error = AssertionError if model_type == "qwen3_moe" else RuntimeError
+        with pytest.raises(error, match="" if model_type == "qwen3_moe" else "has shape .4, "):
+            export_trtllm_checkpoint(model, tmp_path / model_type, dtype="bfloat16", tp=1, pp=1)
+
+
+def test_max_memory_with_ptq_on_an_moe_is_refused_at_validation(moe_models, tmp_path, capsys):
+    """The quantized MoE hand-over loads onto one device (single_device above), so a recipe
+    asking for sharding / offload with a ptq stage is refused before anything loads, by name."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"name: moe-offload\nmodel: {{source: {moe_models['qwen3_moe']}, "
+        "max_memory: {gpu: 1GiB}}\nstages:\n  - ptq: {format: fp8}\n"
+    )
+    assert main(["run", str(recipe), "-o", str(tmp_path / "run"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "model.max_memory" in err and "Qwen3-MoE with a ptq stage" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+    # without ptq (a gate of the source model, say) the cap stays allowed
+    recipe.write_text(recipe.read_text().replace("ptq: {format: fp8}", "gate: {suite: quick}"))
+    assert main(["validate", str(recipe)]) == 0
