@@ -584,6 +584,9 @@ class Runner:
             # a resumed run does.
             ctx.state.model = None
         ctx.tokenizer().save_pretrained(out)
+        if ctx.state.model is None:
+            del model
+            hardware.release_memory()
 
     def _commit(self, i: int, stage: Stage, outputs: dict[str, Path]) -> dict[str, Output]:
         finals = {}

@@ -197,3 +197,18 @@ def test_max_memory_with_ptq_on_an_moe_is_refused_at_validation(moe_models, tmp_
     # without ptq (a gate of the source model, say) the cap stays allowed
     recipe.write_text(recipe.read_text().replace("ptq: {format: fp8}", "gate: {suite: quick}"))
     assert main(["validate", str(recipe)]) == 0
+
+
+@pytest.mark.parametrize(("model_type", "unfused"), [("qwen3_moe", True), ("deepseek_v3", False)])
+def test_only_the_unfused_families_take_the_unfused_load_path(tmp_path, model_type, unfused):
+    """A ModelOpt hand-over of a natively per-expert MoE (another family, remote code
+    included) has the same tensor names; it must keep the ordinary from_pretrained path."""
+    from safetensors.torch import save_file
+
+    from optimizer.techniques.unfused_experts import is_unfused_checkpoint
+
+    (tmp_path / "modelopt_state.pth").write_bytes(b"")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    name = "model.layers.0.mlp.experts.0.gate_proj.weight_quantizer._amax"
+    save_file({name: torch.ones(1)}, tmp_path / "model.safetensors")
+    assert is_unfused_checkpoint(tmp_path) is unfused

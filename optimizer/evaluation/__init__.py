@@ -117,9 +117,10 @@ def _score(target: Candidate, suite: Suite, baseline: BaselineRef, include_path)
 
     # The loaded model lives only in this frame: dropped before the next one loads (and
     # collected: its modules reference each other, see release_memory).
-    scores = harness.score_suite(target.load(suite, baseline), suite, include_path=include_path)
-    release_memory()
-    return scores
+    try:
+        return harness.score_suite(target.load(suite, baseline), suite, include_path=include_path)
+    finally:
+        release_memory()
 
 
 def _check(candidate: Candidate, baseline: BaselineRef, suite: Suite, include_path) -> None:

@@ -169,6 +169,7 @@ class Search(Stage, SearchConfig, GateCriteria):
         from optimizer.calibration import batches
         from optimizer.evaluation import evaluate_and_judge, make_candidate
         from optimizer.exporters import export_unified_hf_checkpoint
+        from optimizer.hardware import release_memory
         from optimizer.rundir import write_atomic
         from optimizer.techniques.search import best_trial, search
 
@@ -189,6 +190,7 @@ class Search(Stage, SearchConfig, GateCriteria):
                 models.cast_to_storage(exported, ctx.recipe.model.dtype, ctx.state.compute_dtype)
                 export_unified_hf_checkpoint(exported, scratch, dtype=ctx.recipe.model.dtype)
                 del exported
+                release_memory()  # before the judge loads the rebuilt export
                 tokenizer.save_pretrained(scratch)
                 judgement = evaluate_and_judge(
                     suite,

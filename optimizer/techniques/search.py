@@ -268,8 +268,8 @@ def quantize_trial(model, config: SearchConfig, moved_modules: list[str], forwar
 
     In two steps when there is a fallback format: the candidate's algorithm (AWQ would
     otherwise search pre-quant scales for the fallback's layers too, which an FP8 export
-    cannot hold), then the fallback quantizers switched on and max-calibrated; max
-    calibration leaves the candidate's calibrated scales as they are."""
+    cannot hold), then the fallback quantizers switched on and max-calibrated alone (a max
+    pass over every quantizer would overwrite what AWQ's clipping or MSE chose)."""
     import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization.conversion import set_quantizer_by_cfg
 
@@ -277,17 +277,38 @@ def quantize_trial(model, config: SearchConfig, moved_modules: list[str], forwar
     mtq.quantize(trial, trial_config(config, moved_modules), forward_loop)
     if config.fallback != "none" and moved_modules:
         set_quantizer_by_cfg(trial, fallback_entries(config, moved_modules))
-        mtq.calibrate(trial, "max", forward_loop)
+        _calibrate_only(trial, moved_modules, forward_loop)
     return trial
+
+
+def _calibrate_only(trial, modules: list[str], forward_loop) -> None:
+    """Max-calibrate the quantizers of ``modules`` alone: every other quantizer is off for the
+    pass (disabled quantizers still apply their pre-quant scales, so activations are those of
+    the unquantized forward either way) and keeps its scales."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    others = [
+        q
+        for n, q in trial.named_modules()
+        if isinstance(q, TensorQuantizer)
+        and q.is_enabled
+        and not any(n.startswith(f"{m}.") for m in modules)
+    ]
+    for q in others:
+        q.disable()
+    try:
+        mtq.calibrate(trial, "max", forward_loop)
+    finally:
+        for q in others:
+            q.enable()
 
 
 def advance_trial(trial, base, config: SearchConfig, newly_moved: list[str], forward_loop):
     """``trial`` (a quantized copy of ``base``) with ``newly_moved`` modules also in the
     fallback, changed in place: only those modules are reset and re-calibrated (see the module
     docstring for why the other layers' scales stay valid)."""
-    import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization.conversion import set_quantizer_by_cfg
-    from modelopt.torch.quantization.nn import TensorQuantizer
 
     for name in newly_moved:
         module = trial.get_submodule(name)
@@ -302,22 +323,7 @@ def advance_trial(trial, base, config: SearchConfig, newly_moved: list[str], for
         )
         return trial
     set_quantizer_by_cfg(trial, fallback_entries(config, newly_moved))
-    # Calibrate the moved modules alone: every other quantizer off for the pass (disabled
-    # quantizers still apply their pre-quant scales, so activations are unchanged).
-    others = [
-        q
-        for n, q in trial.named_modules()
-        if isinstance(q, TensorQuantizer)
-        and q.is_enabled
-        and not any(n.startswith(f"{m}.") for m in newly_moved)
-    ]
-    for q in others:
-        q.disable()
-    try:
-        mtq.calibrate(trial, "max", forward_loop)
-    finally:
-        for q in others:
-            q.enable()
+    _calibrate_only(trial, newly_moved, forward_loop)
     return trial
 
 
@@ -440,7 +446,10 @@ def search(
     if last is not None and last[0] == chosen:
         chosen_model = last[1]
     else:
-        last = None  # free it before quantizing the chosen one again
+        last = trial = None  # free it before quantizing the chosen one again
+        from optimizer.hardware import release_memory
+
+        release_memory()
         chosen_model = quantized(state.trials[chosen].moved)
     state.seconds = time.time() - started
     save(state)

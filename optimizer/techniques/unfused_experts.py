@@ -53,6 +53,10 @@ EXPERT_LINEARS = {
 }
 
 
+#: The HF ``model_type`` values of the models with those experts classes.
+UNFUSED_MODEL_TYPES = ("qwen3_moe", "mixtral")
+
+
 class ExpertMLP(nn.Module):
     """One expert: ``down(act(gate(x)) * up(x))``, its linears under ``names``."""
 
@@ -172,12 +176,21 @@ _HUB_BLOCKS = {".block_sparse_moe.": ".mlp."}
 def is_unfused_checkpoint(path) -> bool:
     """Whether the checkpoint at ``path`` is a quantized model saved with unfused experts:
     ModelOpt state next to per-expert quantizer tensors (``experts.0.<proj>.*_quantizer.*``)."""
+    import json
     from pathlib import Path
 
     from optimizer.safetensors_header import read_safetensors_header
 
     path = Path(path)
     if not (path / "modelopt_state.pth").is_file():
+        return False
+    # Only the families unfuse_experts knows (natively per-expert MoE checkpoints, remote code
+    # included, keep the ordinary from_pretrained path).
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False  # the ordinary load reports it
+    if model_type not in UNFUSED_MODEL_TYPES:
         return False
     for f in sorted(path.glob("*.safetensors")):
         try:

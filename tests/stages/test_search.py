@@ -176,9 +176,18 @@ def test_moved_counts_grow_within_the_budget():
 
 
 @pytest.mark.parametrize(
-    ("fmt", "fallback"), [("int4_awq", "fp8"), ("int4_awq", "none"), ("int8_sq", "none")]
+    ("fmt", "algorithm", "fallback", "first"),
+    [
+        ("int4_awq", None, "fp8", ["model.layers.1.mlp.down_proj"]),
+        ("int4_awq", None, "none", ["model.layers.1.mlp.down_proj"]),
+        ("int8_sq", None, "none", ["model.layers.1.mlp.down_proj"]),
+        # from trial 0 (nothing moved yet), with clipped amaxes that a max pass would undo
+        ("int4_awq", "awq_clip", "fp8", []),
+    ],
 )
-def test_moving_groups_onto_the_previous_trial_equals_quantizing_afresh(tmp_path, fmt, fallback):
+def test_moving_groups_onto_the_previous_trial_equals_quantizing_afresh(
+    tmp_path, fmt, algorithm, fallback, first
+):
     """advance_trial re-calibrates only the newly moved modules of the previous trial; the
     result must be the full re-quantization's, tensor for tensor (weights, amax, pre-quant
     scales): ModelOpt calibrates every layer on the unquantized forward, so the other layers'
@@ -199,8 +208,12 @@ def test_moving_groups_onto_the_previous_trial_equals_quantizing_afresh(tmp_path
         for b in batches:
             m(b)
 
-    config = SearchConfig(format=fmt, group_size=32 if "awq" in fmt else None, fallback=fallback)
-    first = ["model.layers.1.mlp.down_proj"]
+    config = SearchConfig(
+        format=fmt,
+        algorithm=algorithm,
+        group_size=32 if "awq" in fmt else None,
+        fallback=fallback,
+    )
     then = [
         "model.layers.0.self_attn.q_proj",
         "model.layers.0.self_attn.k_proj",
