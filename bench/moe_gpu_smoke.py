@@ -25,14 +25,6 @@ sys.path.insert(0, str(REPO / "tests"))
 
 FORMATS = ("fp8", "int4_awq", "int8_sq")
 FAMILIES = ("qwen3_moe", "mixtral")
-SUITE = """\
-name: tiny
-limit: 8
-tasks:
-  - {task: local_arc_easy, metric: acc}
-thresholds:
-  default: {max_drop: 1.0}
-"""
 
 
 def recipe(model: Path, fmt: str, suite: Path) -> str:
@@ -65,12 +57,12 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/moe-gpu"))
     args = ap.parse_args()
     import torch
-    from tiny import make_tiny_family
+    from tiny import TINY_SUITE, make_tiny_family
 
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     suite = args.work / "suite.yaml"
-    suite.write_text(SUITE)
+    suite.write_text(TINY_SUITE)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     rows = []
     for family in FAMILIES:

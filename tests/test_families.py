@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from tiny import TINY_SUITE as SUITE
 from tiny import make_tiny_family, plant_a_dead_expert, run_tiny_recipe
 
 from optimizer import architectures
@@ -19,14 +20,6 @@ torch = pytest.importorskip("torch")
 
 FAMILIES = {t: f for f in architectures.FAMILIES for t in f.model_types}
 NON_LLAMA = [t for t in FAMILIES if t != "llama"]  # (Llama: every other test file)
-SUITE = """\
-name: tiny
-limit: 8
-tasks:
-  - {task: local_arc_easy, metric: acc}
-thresholds:
-  default: {max_drop: 1.0}
-"""
 
 
 @pytest.fixture(scope="module")

@@ -272,3 +272,15 @@ def plant_a_dead_expert(src: Path, out: Path, expert: int = 3) -> Path:
             router.weight[expert, 0] = -100.0
     model.to(torch.bfloat16).save_pretrained(out)
     return out
+
+
+#: An 8-document ARC-Easy suite whose threshold admits anything: for runs on random tiny
+#: models, where the gate's job is to run, not to judge.
+TINY_SUITE = """\
+name: tiny
+limit: 8
+tasks:
+  - {task: local_arc_easy, metric: acc}
+thresholds:
+  default: {max_drop: 1.0}
+"""
