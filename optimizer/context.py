@@ -46,6 +46,16 @@ class ModelState:
     def __post_init__(self) -> None:
         self.compute_dtype = self.compute_dtype or self.dtype
 
+    def drop_model(self) -> None:
+        """Forget the model in memory (the next :meth:`StageContext.model` loads
+        ``checkpoint``) and give back what it held (optimizer.hardware.release_memory); the
+        caller drops its own references first."""
+        from optimizer.hardware import release_memory
+
+        if self.model is not None:
+            self.model = None
+            release_memory()
+
 
 @dataclass
 class StageContext:

@@ -476,12 +476,11 @@ class Runner:
             )
             log.info("stage %s: %s changed; redoing it", stage.name, why)
             return False
-        recorded = list((old.outputs or {}).values())
-        missing = [Path(o.path) for o in recorded if not Path(o.path).exists()]
-        present = [o for o in recorded if Path(o.path).exists()]
-        digests = sha256_trees([Path(o.path) for o in present])
-        changed = missing + [
-            Path(o.path) for o, d in zip(present, digests, strict=True) if d != o.sha256
+        recorded = [(Path(o.path), o.sha256) for o in (old.outputs or {}).values()]
+        present = [(p, digest) for p, digest in recorded if p.exists()]
+        now_digests = sha256_trees([p for p, _ in present])
+        changed = [p for p, _ in recorded if not p.exists()] + [
+            p for (p, digest), now in zip(present, now_digests, strict=True) if now != digest
         ]
         if changed:
             log.info(
@@ -507,11 +506,8 @@ class Runner:
         self._publish_artifacts(stage, entry)
         if stage.transforms_model:
             state.checkpoint = Path(entry.outputs["model"].path)
-            state.model = None  # later stages load exactly the saved state
-        if stage.invalidates_model:
-            state.model = None
-        if state.model is None:
-            hardware.release_memory()
+        if stage.transforms_model or stage.invalidates_model:
+            state.drop_model()  # later stages load exactly the saved state
         self._save()
 
     def _run_one(self, i: int, stage: Stage, state: ModelState) -> None:
@@ -567,8 +563,7 @@ class Runner:
         if stage.transforms_model and "model" in outputs:
             state.checkpoint = Path(outputs["model"].path)
         if stage.invalidates_model:
-            state.model = None
-            hardware.release_memory()
+            state.drop_model()
         log.info(
             "[%d/%d] %s: done in %.1f s", i + 1, len(self.recipe.stages), stage.name, entry.seconds
         )
@@ -579,14 +574,13 @@ class Runner:
         model = ctx.model()
         out = ctx.new_output("model")
         models.enable_modelopt_checkpointing()
-        if models.save_in_dtype(model, out, ctx.state.dtype, ctx.state.compute_dtype):
+        rounded = models.save_in_dtype(model, out, ctx.state.dtype, ctx.state.compute_dtype)
+        ctx.tokenizer().save_pretrained(out)
+        if rounded:
             # Rounded to the artifact dtype: later stages reload the saved state, exactly as
             # a resumed run does.
-            ctx.state.model = None
-        ctx.tokenizer().save_pretrained(out)
-        if ctx.state.model is None:
             del model
-            hardware.release_memory()
+            ctx.state.drop_model()
 
     def _commit(self, i: int, stage: Stage, outputs: dict[str, Path]) -> dict[str, Output]:
         finals = {}

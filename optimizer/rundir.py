@@ -120,24 +120,25 @@ def sha256_trees(paths: list[Path]) -> list[str]:
     threads hash files in parallel; the digests are those of the sequential definition."""
     from concurrent.futures import ThreadPoolExecutor
 
-    trees: list[list[tuple[str, Path]]] = []
+    # Per path: whether it is a file (its digest is the file's), and its (relative name, file)s.
+    trees: list[tuple[bool, list[tuple[str, Path]]]] = []
     for path in paths:
         if path.is_file():
-            trees.append([("", path)])
+            trees.append((True, [("", path)]))
             continue
         files = (
             p for p in path.rglob("*") if p.is_file() and not _is_bytecode(p.relative_to(path))
         )
-        trees.append([(f.relative_to(path).as_posix(), f) for f in sorted(files)])
-    every = [f for tree in trees for _, f in tree]
+        trees.append((False, [(f.relative_to(path).as_posix(), f) for f in sorted(files)]))
+    every = [f for _, tree in trees for _, f in tree]
     # Largest first, so one big file does not start last and run alone.
     order = sorted(range(len(every)), key=lambda i: -every[i].stat().st_size)
     workers = max(1, min(8, os.cpu_count() or 1, len(every)))
     with ThreadPoolExecutor(workers) as pool:
         done = dict(zip(order, pool.map(sha256_file, [every[i] for i in order]), strict=True))
     digests, i = [], 0
-    for path, tree in zip(paths, trees, strict=True):
-        if path.is_file():
+    for is_file, tree in trees:
+        if is_file:
             digests.append(done[i])
             i += 1
             continue

@@ -169,8 +169,5 @@ class Export(Stage):
     def _reloaded(ctx: StageContext):
         """The model as the previous stage left it, read back from its hand-over checkpoint
         (``ctx.state.checkpoint``), the one in memory dropped first (two copies may not fit)."""
-        from optimizer.hardware import release_memory
-
-        ctx.state.model = None
-        release_memory()
+        ctx.state.drop_model()
         return ctx.model()
