@@ -119,6 +119,44 @@ def logits_kwargs(model) -> dict[str, Any]:
     return {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
 
 
+#: ``batch_size: auto`` where nothing is measured (a CPU, a model spread over devices), and
+#: for the stages that batch calibration data for more than a forward (gradients, logits).
+DEFAULT_BATCH_SIZE = 8
+#: Share of the free GPU memory a calibration batch may take, and the margin over one
+#: window's measured forward: ModelOpt's calibrators add temporaries the plain forward does
+#: not show (an |x| copy per quantizer input; AWQ's search scales inputs and outputs per
+#: candidate), here bounded by three more copies of the activations.
+AUTO_SHARE, AUTO_MARGIN = 0.5, 4.0
+#: Bigger batches gain nothing measurable once a forward is this many windows.
+AUTO_LIMIT = 64
+
+
+def choose_batch_size(model, tokens, batch_size: int | str) -> Any:
+    """The calibration batch size for ``model`` (a :class:`optimizer.batching.Choice`):
+    the recipe's number, or for ``auto`` one window's forward measured on the GPU and as many
+    windows as fit (at most :data:`AUTO_LIMIT` and the number of windows). Call it before
+    quantizers are inserted: the measured forward must calibrate nothing."""
+    from optimizer import batching
+    from optimizer.models import input_device
+
+    windows = int(tokens.shape[0])
+    if batch_size != batching.AUTO:
+        return batching.Choice(int(batch_size), measured=False, reason="from the recipe")
+    extra = logits_kwargs(model)
+
+    def one_window() -> None:
+        model(input_ids=tokens[:1].to(input_device(model)), **extra)
+
+    return batching.measure(
+        model,
+        one_window,
+        limit=min(AUTO_LIMIT, windows),
+        fallback=DEFAULT_BATCH_SIZE,
+        share=AUTO_SHARE,
+        margin=AUTO_MARGIN,
+    )
+
+
 def forward_loop(tokens, batch_size: int, desc: str = "calibrating") -> Callable[[Any], None]:
     """The ``forward_loop(model)`` ModelOpt calibrates with: every window through the model
     (logits of the last position only where nothing calibrates on them: :func:`logits_kwargs`)."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optimizer import calibration, launch, models
+from optimizer import batching, calibration, launch, models
 from optimizer.plan import ModelPlan
 from optimizer.recipe import Recipe
 from optimizer.rundir import RunDirectory
@@ -73,6 +73,8 @@ class StageContext:
     #: The run's artifacts so far (``run.json["artifacts"]``: key -> path), e.g. the
     #: ``hf_checkpoint`` an earlier export wrote.
     artifacts: dict[str, str] = field(default_factory=dict)
+    #: The calibration batch size :meth:`forward_loop` chose (a ``batching.Choice``).
+    calibration_choice: Any = None
 
     @property
     def run_dir(self) -> Path:
@@ -117,10 +119,23 @@ class StageContext:
         return self.state.calibration_tokens
 
     def forward_loop(self):
+        """ModelOpt's calibration loop over the recipe's windows. With ``batch_size: auto``
+        one window's forward is measured first, on the model as it is now: call this before
+        the quantizers are inserted (``quantize(model, cfg, ctx.forward_loop())`` does)."""
         assert self.recipe.calibration is not None
-        return calibration.forward_loop(
-            self.calibration_tokens(), self.recipe.calibration.batch_size
+        tokens = self.calibration_tokens()
+        choice = calibration.choose_batch_size(
+            self.model(), tokens, self.recipe.calibration.batch_size
         )
+        self.calibration_choice = choice
+        log.info("calibration: %s", choice.describe())
+        return calibration.forward_loop(tokens, choice.batch_size)
+
+    def calibration_batch_size(self) -> int:
+        """Windows per batch for the stages that batch calibration data for more than a
+        forward (gradients, full logits): the recipe's number, 8 for ``auto``."""
+        assert self.recipe.calibration is not None
+        return batching.fixed(self.recipe.calibration.batch_size, calibration.DEFAULT_BATCH_SIZE)
 
     def checkpoint_dir(self) -> Path:
         """A directory for the stage's own checkpoints that survives a killed run: kept while

@@ -21,12 +21,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     SerializeAsAny,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from optimizer import batching
 from optimizer.errors import OptimizerError, Problem, RecipeError
 from optimizer.plan import Environment, ModelPlan
 from optimizer.registry import did_you_mean
@@ -167,7 +169,14 @@ class CalibrationSpec(Strict):
     # that a typo such as `seq_len: 1e30` is refused before tokenizing for hours.
     num_samples: Annotated[int, Field(gt=0, le=65_536)] = 512
     seq_len: Annotated[int, Field(gt=0, le=1_048_576)] = 512  # 2**20 tokens
-    batch_size: Annotated[int, Field(gt=0, le=4_096)] = 8
+    batch_size: Annotated[
+        int | Literal["auto"], PlainValidator(lambda v: batching.parse(v, 4_096))
+    ] = Field(
+        "auto",
+        description="windows per calibration forward; auto: as many as fit in half the free "
+        "GPU memory (one window's forward measured, at most 64), 8 on a CPU or with "
+        "model.max_memory, and 8 for the stages that take gradients or logits per batch",
+    )
     chat_template: bool = False
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0  # numpy's seed range
 

@@ -257,7 +257,13 @@ CASES: list[tuple[str, str | bytes, list[str], str]] = [
         "calib-batch-size-1e5",
         VALID.replace("num_samples: 8", "num_samples: 8, batch_size: 100000"),
         [],
-        "calibration.batch_size: Input should be less than or equal to 4096",
+        "calibration.batch_size: must be at most 4,096, not 100,000",
+    ),
+    (
+        "calib-batch-size-a-word-other-than-auto",
+        VALID.replace("num_samples: 8", "num_samples: 8, batch_size: automatic"),
+        [],
+        "calibration.batch_size: must be a whole number or 'auto', not 'automatic'",
     ),
     (
         "calib-too-many-tokens",

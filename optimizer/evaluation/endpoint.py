@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from optimizer import batching
 from optimizer.errors import OptimizerError
 from optimizer.evaluation.candidates import Candidate
 from optimizer.resources import TASKS as LOCAL_TASKS
@@ -211,12 +212,15 @@ class EndpointCandidate(Candidate):
         self._probed = "logprobs"
 
     def load(self, suite: Suite, baseline: BaselineRef) -> Scorable:
+        from optimizer.evaluation.harness import DEFAULT_BATCH_SIZE
+
         self.check(baseline, suite, include_path=self._include_path)
         return endpoint_lm(
             self.base_url,
             self.model,
             self._tokenizer(baseline),
-            suite.batch_size,
+            # a server's memory is its own: auto is the fixed default here
+            batching.fixed(suite.batch_size, DEFAULT_BATCH_SIZE),
             suite.max_length,
         )
 

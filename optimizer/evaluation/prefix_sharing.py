@@ -117,14 +117,22 @@ class PrefixSharingHFLM(HFLM):
                 rows.append(group)
             group.branches.append((index, continuation))
         ordered = sorted(rows, key=lambda g: -g.length)  # little padding per batch
-        batch_size = int(override_bs or self.batch_size)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         # Passing disable=False would override TQDM_DISABLE (the CLI's quiet mode).
         quiet = {"disable": True} if disable_tqdm or self.rank != 0 else {}
         bar = tqdm(total=len(requests), desc="scoring", **quiet)
-        for start in range(0, len(ordered), batch_size):
-            batch = ordered[start : start + batch_size]
-            for index, answer in self._score_batch(batch):
+        batch_size = override_bs or self.batch_size
+        scored: list[Any] = []  # the first batch's answers when it is the measured one
+        done = 0
+        if batch_size == "auto" and ordered:
+            # The widest row first, alone and measured: no later row needs more memory.
+            batch_size, done = self._measured_batch_size(ordered[0], scored), 1
+        size = int(batch_size) if batch_size != "auto" else 1
+        batches = [ordered[:done]] if done else []
+        batches += [ordered[s : s + size] for s in range(done, len(ordered), size)]
+        for number, batch in enumerate(batches):
+            answers = scored if (done and number == 0) else self._score_batch(batch)
+            for index, answer in answers:
                 results[index] = answer
                 request_str = requests[index][0]
                 if request_str is not None:
@@ -132,6 +140,24 @@ class PrefixSharingHFLM(HFLM):
             bar.update(sum(len(g.branches) for g in batch))
         bar.close()
         return results  # type: ignore[return-value]
+
+    def _measured_batch_size(self, row: _Group, scored: list[Any]) -> int:
+        """Score ``row`` alone (its answers appended to ``scored``) and size the batches from
+        that forward's peak memory (optimizer.batching): the same computation a batch repeats
+        per row, so a small margin suffices."""
+        from optimizer import batching
+        from optimizer.evaluation.harness import DEFAULT_BATCH_SIZE
+
+        choice = batching.measure(
+            self.model,
+            lambda: scored.extend(self._score_batch([row])),
+            limit=int(self.max_batch_size or 64),
+            fallback=DEFAULT_BATCH_SIZE,
+            share=0.5,
+            margin=1.5,
+        )
+        log.info("evaluation: %s", choice.describe())
+        return choice.batch_size
 
     def _score_batch(self, batch: list[_Group]) -> list[tuple[int, tuple[float, bool]]]:
         import torch

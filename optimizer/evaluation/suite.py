@@ -8,10 +8,18 @@ one place that says which limit and number of shots a task is evaluated with.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    model_validator,
+)
 
+from optimizer import batching
 from optimizer.errors import OptimizerError
 
 #: The metric that compares a candidate's greedy continuations with the baseline's on a
@@ -83,7 +91,11 @@ class Suite(BaseModel):
     description: str | None = None
     limit: int | None = Field(None, gt=0, description="docs per task unless the task sets its own")
     num_fewshot: int | None = Field(None, ge=0)
-    batch_size: int = Field(16, gt=0)
+    batch_size: Annotated[int | Literal["auto"], PlainValidator(batching.parse)] = Field(
+        "auto",
+        description="rows per forward; auto: as many as fit in half the free GPU memory (the "
+        "widest row's forward measured, at most 64), 16 on a CPU or a model spread over devices",
+    )
     max_length: int = Field(2048, gt=0)
     tasks: list[SuiteTask] = Field(min_length=1)
     thresholds: dict[str, Threshold] = Field(

@@ -57,7 +57,7 @@ class AutoQuantize(Stage, AutoQuantizeConfig):
         assert ctx.recipe.calibration is not None
         tokens = ctx.calibration_tokens()
         model, metrics = auto_quantize(
-            ctx.model(), self, list(batches(tokens, ctx.recipe.calibration.batch_size))
+            ctx.model(), self, list(batches(tokens, ctx.calibration_batch_size()))
         )
         ctx.state.model = model
         ctx.log.info(

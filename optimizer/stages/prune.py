@@ -83,10 +83,10 @@ class Prune(Stage, PruneConfig):
     def run(self, ctx: StageContext) -> StageResult:
         from optimizer import calibration
 
-        spec = ctx.recipe.calibration
-        assert spec is not None  # plan() refuses a recipe without it
+        assert ctx.recipe.calibration is not None  # plan() refuses a recipe without it
         model = ctx.model()
-        summary = prune(model, self, calibration.batches(ctx.calibration_tokens(), spec.batch_size))
+        batches = calibration.batches(ctx.calibration_tokens(), ctx.calibration_batch_size())
+        summary = prune(model, self, batches)
         ctx.log.info(
             "pruned to %s: %.1f %% of %s parameters%s",
             ", ".join(f"{k} {v}" for k, v in summary["after"].items()),

@@ -103,6 +103,7 @@ class PTQ(Stage, QuantizeConfig):
             )
         if masks:
             metrics["sparse_layers"] = len(masks)
+        metrics["calibration_batch_size"] = ctx.calibration_choice.batch_size
         ctx.log.info(
             "quantized %d linear layers in %.1f s",
             metrics["quantized_layers"],

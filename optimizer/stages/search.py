@@ -234,7 +234,7 @@ class Search(Stage, SearchConfig, GateCriteria):
             ctx.model(),
             self,
             forward_loop=ctx.forward_loop(),
-            batches=list(batches(tokens, ctx.recipe.calibration.batch_size)),
+            batches=list(batches(tokens, ctx.calibration_batch_size())),
             judge=judge,
             state=state,
             save_state=save,

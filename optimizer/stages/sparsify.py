@@ -81,7 +81,7 @@ class Sparsify(Stage, SparsifyConfig):
         data = None
         if self.method == "sparsegpt":
             assert ctx.recipe.calibration is not None  # plan() refuses a recipe without it
-            data = list(batches(ctx.calibration_tokens(), ctx.recipe.calibration.batch_size))
+            data = list(batches(ctx.calibration_tokens(), ctx.calibration_batch_size()))
         metrics = sparsify(ctx.model(), self, data)
         ctx.log.info(
             "%s: %d linear layers %s sparse (%.1f %% zeros) in %.1f s; dense: %s",
