@@ -23,13 +23,16 @@ and per process; calibration tokens/s and its fraction of the GPU's dense bf16 p
 Models: ``builtin`` (SmolLM2-135M-Instruct, the directory ``builtin:smollm2-135m-instruct``
 resolves to: both sides load the same files, and the pipeline's baseline is evaluated anew
 in a per-run OPTIMIZER_CACHE_DIR), ``llama8b-shape`` (Llama-3-8B dimensions, random bf16
-weights saved once to --work; the builtin's tokenizer when it is available), ``tiny`` (a
+weights saved once to --models-dir, default --work/models; the builtin's tokenizer when it is
+available), ``llama13b-shape`` (Llama-2-13B layers with Llama-3's GQA and vocabulary, 12.3B), ``tiny`` (a
 random Llama of hidden 64 and 2 layers: --tiny). ``--memory-cap GiB`` also runs the
 8B-shaped model through the pipeline with ``model.max_memory.gpu`` below its size (ptq +
 export; the gate loads whole models and is left out) and records its peak GPU memory.
 
   python bench/pipeline_vs_bare.py --device cpu --tiny --memory-cap 1    # CPU smoke, ~2 min
   python bench/pipeline_vs_bare.py --models builtin llama8b-shape --memory-cap 8   # a GPU
+  python bench/pipeline_vs_bare.py --models llama8b-shape llama13b-shape --batch-size auto \
+      --models-dir /dev/shm/pvb-models    # the 13B shape's source off a 64 GiB disk
   python bench/pipeline_vs_bare.py --report-only                          # md from the json
 
 Results (merged into what --out holds): --out/pipeline_vs_bare-<gpu|cpu-smoke>.{json,md}.
@@ -76,11 +79,25 @@ LLAMA3_8B = {
     "tie_word_embeddings": False,
     "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
 }
+#: Llama-2-13B's layer shapes (40 x 5120, MLP 13824) with Llama-3's GQA (8 KV heads) and
+#: vocabulary: 12.3B parameters, 24.6 GB in bf16; the largest shape whose pipeline outputs
+#: (hand-over 1x + two FP8 exports 0.5x each) fit the H200 machine's 64 GiB disk with the
+#: source model in /dev/shm (--models-dir).
+LLAMA_13B = {
+    **LLAMA3_8B,
+    "hidden_size": 5120,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 40,
+    "intermediate_size": 13824,
+}
+SHAPES = {"llama8b-shape": LLAMA3_8B, "llama13b-shape": LLAMA_13B}
 TINY = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128}
 BUILTIN = "builtin:smollm2-135m-instruct"
 DESCRIPTIONS = {
     "builtin": "SmolLM2-135M-Instruct (builtin)",
     "llama8b-shape": "Llama-3-8B-shaped model (random bf16 weights)",
+    "llama13b-shape": "13B-shaped Llama (Llama-2-13B layers, Llama-3 GQA and vocabulary; "
+    "12.3B random bf16 weights)",
     "tiny": "tiny random Llama (hidden 64, 2 layers)",
 }
 
@@ -219,10 +236,12 @@ def prepare_model(name: str, args, env, builtin: Path | None) -> Path:
         if builtin is None:
             raise SystemExit("the builtin model is not available (see logs/resolve-builtin.log)")
         return builtin
-    target = args.work / "models" / name
+    target = (args.models_dir or args.work / "models") / name
     if (target / "config.json").is_file():
         return target
-    spec = TINY if name == "tiny" else LLAMA3_8B
+    if name != "tiny" and name not in SHAPES:
+        raise SystemExit(f"unknown model {name!r}: builtin, tiny or one of {sorted(SHAPES)}")
+    spec = TINY if name == "tiny" else SHAPES[name]
     tokenizer_from = str(builtin) if (name != "tiny" and builtin) else "-"
     print(f"making the {name} model in {target} ...", flush=True)
     line = python_snippet(
@@ -254,6 +273,7 @@ def calibration_settings(args) -> dict[str, int]:
 
 
 def bare_side(name, model_dir: Path, args, env, compute: str, gate_limit: int, **extra):
+    """``extra``: ``batch_size`` (the pipeline's resolved ``auto``), ``max_memory_gpu``, ``label``."""
     work = args.work / name / "bare"
     shutil.rmtree(work, ignore_errors=True)
     out = work / "phases.json"
@@ -275,7 +295,7 @@ def bare_side(name, model_dir: Path, args, env, compute: str, gate_limit: int, *
         "--seq-len",
         str(args.seq_len),
         "--batch-size",
-        str(args.batch_size),
+        str(extra.get("batch_size") or (8 if args.batch_size == "auto" else args.batch_size)),
         "--task",
         TASK,
         "--tasks-dir",
@@ -292,6 +312,19 @@ def bare_side(name, model_dir: Path, args, env, compute: str, gate_limit: int, *
     res["artifacts"] = artifacts(work, args.keep_artifacts)
     print(f"[{name}] {label}: rc {res['rc']}, {res['wall_seconds']} s", flush=True)
     return res
+
+
+def resolved_batch_size(pipe: dict) -> int | None:
+    """The calibration batch size the pipeline's ptq used (run.json metrics)."""
+    for stage in pipe.get("stages", []):
+        if stage["name"] == "ptq":
+            return (stage.get("metrics") or {}).get("calibration_batch_size")
+    return None
+
+
+def bare_batch(bare: dict) -> int | None:
+    cmd = bare.get("cmd") or []
+    return int(cmd[cmd.index("--batch-size") + 1]) if "--batch-size" in cmd else None
 
 
 def write_recipe(path: Path, model_dir: Path, args, gate_limit: int, max_memory: str | None):
@@ -512,7 +545,18 @@ def compare(result: dict) -> list[dict]:
             (pipe["wall_seconds"], process_peak(pipe)),
         )
     )
+    # issue 17's target: PTQ + export, whole process with the gate's evaluation taken out
+    rows.append(
+        _row(
+            PTQ_EXPORT_ROW,
+            (round(bare["wall_seconds"] - (b_gate_s or 0), 2), None),
+            (round(pipe["wall_seconds"] - gate_s, 2), None),
+        )
+    )
     return rows
+
+
+PTQ_EXPORT_ROW = "PTQ + both exports, whole process (wall - gate evaluation)"
 
 
 #: Phases that do not nest in another (calibration_forward is inside ptq).
@@ -620,7 +664,13 @@ def render(results: dict) -> str:
         lines += [
             f"## {name}: {r.get('description', '')}",
             "",
-            f"Calibration {s['num_samples']} x {s['seq_len']} tokens, batch {s['batch_size']} "
+            f"Calibration {s['num_samples']} x {s['seq_len']} tokens, batch {s['batch_size']}"
+            + (
+                " (used: bare {bare}, pipeline {pipeline})".format(**s["batch_size_used"])
+                if s.get("batch_size_used")
+                else ""
+            )
+            + " "
             f"(windows identical: {r.get('windows_identical')}); gate: {TASK}, "
             f"{s['gate_limit'] or 'no'} documents, baseline and quantized model; compute dtype "
             f"{s['compute_dtype']}. Each side a fresh process"
@@ -706,8 +756,10 @@ def render(results: dict) -> str:
 
 NOTES = """\
 - Same: model files, dtype, calibration windows (sha256 compared), samples / seq_len /
-  batch size, FP8 config (`mtq.FP8_DEFAULT_CFG`; the pipeline's `format: fp8` builds the
-  same), export calls and tp = pp = 1, lm-eval task, limit, batch size 16, max_length 2048.
+  batch size (with `--batch-size auto` the pipeline measures its own, `calibration.batch_size:
+  auto`, and the bare script then calibrates in the batches it chose), FP8 config (`mtq.FP8_DEFAULT_CFG`; the pipeline's `format: fp8` builds the
+  same), export calls and tp = pp = 1, lm-eval task, limit, max_length 2048; lm-eval batch size
+  16 in the bare script, the suite's `auto` in the pipeline (a measured first row on a GPU).
 - The pipeline does more: it validates the recipe, hashes inputs, saves the quantized model
   with its ModelOpt state after ptq (the resume hand-over), checks both exports, repairs the
   TensorRT-LLM rope settings, and its gate evaluates the model *rebuilt from the HF export's
@@ -730,13 +782,21 @@ def readme_paragraph(results: dict) -> str:
         rows = {row["phase"]: row for row in r["comparison"]}
         whole = rows.get("whole process (wall)", {})
         ptq = rows.get("PTQ (mtq.quantize, forward included)", {})
+        target = rows.get(PTQ_EXPORT_ROW, {})
         rate = r.get("pipeline_rate") or {}
         frac = rate.get("fraction_of_peak")
         parts.append(
             f"{r.get('description', name)}: the whole pipeline process (ptq fp8, both exports, "
             f"gate on {r['settings']['gate_limit']} ARC-Easy documents) took "
             f"{fmt_s(whole.get('pipeline_seconds'))} s against {fmt_s(whole.get('bare_seconds'))} s "
-            f"for the bare script ({whole.get('ratio')}x); PTQ {fmt_s(ptq.get('pipeline_seconds'))} s "
+            f"for the bare script ({whole.get('ratio')}x)"
+            + (
+                f", PTQ + both exports without the gate {fmt_s(target['pipeline_seconds'])} s vs "
+                f"{fmt_s(target['bare_seconds'])} s ({target['ratio']}x)"
+                if target.get("ratio")
+                else ""
+            )
+            + f"; PTQ {fmt_s(ptq.get('pipeline_seconds'))} s "
             f"vs {fmt_s(ptq.get('bare_seconds'))} s; calibration "
             f"{rate.get('tokens_per_second', 0):,.0f} tokens/s"
             + (f" ({100 * frac:.3g} % of the bf16 dense peak)" if frac is not None else "")
@@ -772,9 +832,22 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/pipeline_vs_bare"))
     ap.add_argument("--num-samples", type=int)
     ap.add_argument("--seq-len", type=int)
-    ap.add_argument("--batch-size", type=int)
+    ap.add_argument(
+        "--batch-size",
+        type=lambda v: v if v == "auto" else int(v),
+        help="calibration windows per forward, or auto (the pipeline measures; the bare "
+        "script then uses the pipeline's choice)",
+    )
+    ap.add_argument(
+        "--models-dir",
+        type=Path,
+        help="where the random models are made (default WORK/models; /dev/shm keeps the 13B "
+        "shape off a small disk)",
+    )
     ap.add_argument("--gate-limit", type=int, help="documents (default 400; tiny 10)")
-    ap.add_argument("--gate-limit-8b", type=int, default=25, help="the 8B shape's; 0: no gate")
+    ap.add_argument(
+        "--gate-limit-8b", type=int, default=25, help="the 8B and 13B shapes'; 0: no gate"
+    )
     ap.add_argument("--memory-cap", type=float, help="GiB: also the capped 8B pipeline run")
     ap.add_argument("--memory-cap-bare", action="store_true", help="and bare ModelOpt capped")
     ap.add_argument("--no-probes", action="store_true", help="the CLI without phase spans")
@@ -841,15 +914,26 @@ def main() -> int:
             print(f"[{name}] skipped: {e}", flush=True)
             results.setdefault("skipped", {})[name] = str(e)[:500]
             continue
-        limit = args.gate_limit_8b if name == "llama8b-shape" else args.gate_limit
+        limit = args.gate_limit_8b if name in SHAPES else args.gate_limit
         page = warm_page_cache(model_dir)
-        bare = bare_side(name, model_dir, args, env, compute, limit)
-        pipe = pipeline_side(name, model_dir, args, env, limit)
+        if args.batch_size == "auto":
+            # the pipeline first: the bare script calibrates in the batches it chose
+            pipe = pipeline_side(name, model_dir, args, env, limit)
+            chosen = resolved_batch_size(pipe)
+            warm_page_cache(model_dir)
+            bare = bare_side(name, model_dir, args, env, compute, limit, batch_size=chosen)
+        else:
+            bare = bare_side(name, model_dir, args, env, compute, limit)
+            pipe = pipeline_side(name, model_dir, args, env, limit)
         result = {
             "description": DESCRIPTIONS.get(name, name),
             "source": str(model_dir),
             "settings": {
                 **calibration_settings(args),
+                "batch_size_used": {
+                    "bare": bare.get("batch_size") or bare_batch(bare),
+                    "pipeline": resolved_batch_size(pipe),
+                },
                 "gate_limit": limit,
                 "compute_dtype": compute,
             },

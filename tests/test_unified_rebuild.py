@@ -269,3 +269,32 @@ def test_what_cannot_be_rebuilt_is_refused(int4_export, tmp_path):
 
     with pytest.raises(OptimizerError, match="KV-cache scales .* without a kv_cache_quant_algo"):
         rebuild(_planted(export, tmp_path / "d", kv_without_algo), "float32", "cpu")
+
+
+def test_the_checkpoint_is_read_onto_the_gpu_only_with_room_to_dequantize_there():
+    from optimizer.unified.rebuild import GPU_READ_HEADROOM, read_device
+
+    gib = 2**30
+    assert read_device("cpu", gib, None) == "cpu"
+    assert read_device("cuda", gib, GPU_READ_HEADROOM * gib) == "cuda"
+    assert read_device("cuda:1", gib, GPU_READ_HEADROOM * gib - 1) == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares GPU and host dequantization")
+@pytest.mark.parametrize("fmt", ["fp8", "int4_awq", "int8_sq"])
+def test_dequantizing_on_the_gpu_gives_the_host_s_weights_bit_for_bit(
+    source, tmp_path, monkeypatch, fmt
+):
+    from optimizer.unified import rebuild as module
+
+    src, _ = source
+    out = tmp_path / "export"
+    _quantize_and_export(src, out, fmt)
+    on_gpu = module.rebuild(out, "bfloat16", "cuda").model.state_dict()
+    monkeypatch.setattr(module, "read_device", lambda *a: "cpu")
+    on_host = module.rebuild(out, "bfloat16", "cuda").model.state_dict()
+    assert on_gpu.keys() == on_host.keys()
+    for key, value in on_gpu.items():
+        assert value.device.type == "cuda"
+        assert torch.equal(value, on_host[key]), key
