@@ -110,7 +110,7 @@ def test_hf_lm_on_a_cpu_model_uses_the_fixed_default(tiny_llama):
     from optimizer.models import load_model, load_tokenizer
 
     lm = harness.hf_lm(
-        load_model(tiny_llama, "float32"),
+        load_model(tiny_llama, "float32").to("cpu"),  # on a GPU machine too
         load_tokenizer(tiny_llama),
         batch_size="auto",
         max_length=128,
