@@ -17,8 +17,9 @@ configs (tests/test_families.py keeps them true):
   then export per-expert tensors (AWQ / SmoothQuant ``pre_quant_scale`` included). w4a8_awq
   still fails at export (ModelOpt's gate/up amax sync cannot reshape its two-level weight
   quantizers), nvfp4_awq is unverified (its export needs a GPU), and the gate's rebuild reads
-  a block's experts in one format, so exclusions of single expert projections and per-layer
-  mixes (auto_quantize, search) stay refused.
+  a block's experts in one format, so exclusions of single expert projections and the
+  search's per-layer-group mixes stay refused. auto_quantize is allowed: ModelOpt's
+  AutoQuantize makes one choice for all expert projections of a block.
 - The unified checkpoint stores experts under per-expert hub names
   (``experts.E.gate_proj``); the gate's rebuild stacks them back into transformers' fused
   experts (optimizer/unified/experts.py).
@@ -155,15 +156,20 @@ def moe_exclude_problem(model_type: str | None, patterns: list[str]) -> str | No
     )
 
 
+def is_moe(model_type: str | None) -> bool:
+    """A mixture-of-experts family this table knows."""
+    return _moe(model_type) is not None
+
+
 def moe_mixed_problem(model_type: str | None) -> str | None:
-    """Why a per-layer format mix (auto_quantize) is refused for an MoE model."""
+    """Why the search's per-layer-group format mix is refused for an MoE model."""
     fam = _moe(model_type)
     if fam is None:
         return None
     return (
-        f"auto_quantize on {fam.name} is not supported yet: a per-layer mix may give a "
-        "block's experts different formats, and the gate's rebuild reads a block's experts "
-        "in one (not verified end to end)"
+        f"search on {fam.name} is not supported yet: its layer groups may give a block's "
+        "experts different formats, and the gate's rebuild reads a block's experts in one "
+        "(auto_quantize, which chooses one format per block's experts, works)"
     )
 
 

@@ -53,6 +53,16 @@ CASES = [
     ),
     ("qat-steps-0", PTQ + "  - qat: {{steps: 0}}\n", "qat.steps: Input should be greater than 0"),
     (
+        "auto-quantize-unknown-cost-model",
+        "  - auto_quantize: {{cost_model: tokens}}\n",
+        "auto_quantize.cost_model: must be one of: 'auto', 'weight', 'active_moe', not 'tokens'",
+    ),
+    (
+        "auto-quantize-expert-ratio-0",
+        "  - auto_quantize: {{active_moe_expert_ratio: 0}}\n",
+        "auto_quantize.active_moe_expert_ratio: Input should be greater than 0",
+    ),
+    (
         "qat-negative-lr",
         PTQ + "  - qat: {{learning_rate: -1.0e-5}}\n",
         "qat.learning_rate: Input should be greater than 0",

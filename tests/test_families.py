@@ -156,8 +156,33 @@ def test_every_supported_cell_goes_through_the_pipeline(
         ),
         (
             "qwen3_moe",
-            ["auto_quantize: {effective_bits: 6.0, formats: [fp8, int8_sq]}"],
-            "stages[0].auto_quantize: auto_quantize on Qwen3-MoE is not supported yet",
+            ["search: {format: int4_awq, suite: quick}"],
+            "search on Qwen3-MoE is not supported yet",
+        ),
+        (
+            "qwen3",
+            [
+                "auto_quantize: {effective_bits: 6.0, formats: [fp8, int4_awq], "
+                "cost_model: active_moe}"
+            ],
+            "stages[0].auto_quantize.cost_model: active_moe weighs routed experts' weights; a "
+            "qwen3 model has no routed experts",
+        ),
+        (
+            "qwen3",
+            [
+                "auto_quantize: {effective_bits: 6.0, formats: [fp8, int4_awq], "
+                "active_moe_expert_ratio: 0.25}"
+            ],
+            "stages[0].auto_quantize.active_moe_expert_ratio: applies to cost_model active_moe only",
+        ),
+        (
+            "mixtral",
+            [
+                "auto_quantize: {effective_bits: 6.0, formats: [fp8, int4_awq], "
+                "active_moe_expert_ratio: 1.5}"
+            ],
+            "stages[0].auto_quantize.active_moe_expert_ratio: Input should be less than or equal to 1",
         ),
     ],
 )

@@ -123,13 +123,21 @@ def test_an_expert_without_calibration_tokens_is_reported_and_still_exported(moe
     assert torch.isfinite(logits(rebuild(run / "hf_checkpoint", "float32").model)).all()
 
 
-def test_a_run_killed_after_ptq_resumes_from_the_moe_hand_over_to_the_same_export(
-    moe_models, tmp_path
+AUTO_QUANTIZE = "auto_quantize: {effective_bits: 9.0, formats: [fp8, int4_awq], group_size: 32}"
+
+
+@pytest.mark.parametrize(
+    ("first", "stage_dir"),
+    [(ptq("int4_awq"), "00-ptq"), (AUTO_QUANTIZE, "00-auto_quantize")],
+    ids=["ptq", "auto_quantize"],
+)
+def test_a_run_killed_after_quantizing_resumes_from_the_moe_hand_over_to_the_same_export(
+    moe_models, tmp_path, first, stage_dir
 ):
     from optimizer.models import load_model
     from optimizer.techniques.unfused_experts import unfused_experts
 
-    stages = [ptq("int4_awq"), EXPORT]
+    stages = [first, EXPORT]
     reference = tmp_path / "reference"
     reference.mkdir()
     assert run_tiny_recipe(reference, moe_models["mixtral"], stages) == 0
@@ -140,7 +148,7 @@ def test_a_run_killed_after_ptq_resumes_from_the_moe_hand_over_to_the_same_expor
     recipe = reference / "recipe.yaml"
     proc = run_killed_at(recipe, killed / "run", "optimizer.stages.export:Export")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    hand_over = killed / "run" / "stages" / "00-ptq" / "model"
+    hand_over = killed / "run" / "stages" / stage_dir / "model"
     model = load_model(hand_over, "float32")  # ModelOpt's per-expert state, restored
     assert len(unfused_experts(model)) == 2
     assert main(["run", str(recipe), "-o", str(killed / "run"), "-q", "--resume"]) == 0
@@ -212,3 +220,62 @@ def test_only_the_unfused_families_take_the_unfused_load_path(tmp_path, model_ty
     name = "model.layers.0.mlp.experts.0.gate_proj.weight_quantizer._amax"
     save_file({name: torch.ones(1)}, tmp_path / "model.safetensors")
     assert is_unfused_checkpoint(tmp_path) is unfused
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_auto_quantize_on_an_moe_gives_a_block_s_experts_one_format_under_the_active_cost(
+    moe_models, tmp_path, model_type
+):
+    """AutoQuantize on unfused experts: ModelOpt's active_moe cost model (auto on an MoE) with
+    the config's top_k / num_experts (2 / 4), each block's expert projections in one format
+    (what the gate's rebuild reads), a validator-clean export the gate evaluates rebuilt."""
+    from tiny import TINY_SUITE
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(TINY_SUITE)
+    stages = [
+        AUTO_QUANTIZE,
+        EXPORT,
+        f"gate: {{suite: {suite}}}",
+    ]
+    assert run_tiny_recipe(tmp_path, moe_models[model_type], stages, num_samples=4) == 0
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    metrics = rec["stages"][0]["metrics"]
+    assert metrics["cost_model"] == "active_moe"
+    assert metrics["active_moe_expert_ratio"] == 0.5
+    # (tiny: the 16-bit lm_head alone keeps the all-INT4 floor at 7.7 bits, all-FP8 at 10.5)
+    assert metrics["effective_bits"] <= 9.0
+    export = tmp_path / "run" / "hf_checkpoint"
+    assert main(["check", str(export)]) == 0
+    quant = json.loads((export / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "MIXED_PRECISION"
+    layers = quant["quantized_layers"]
+    gate, up, down = PROJECTIONS[model_type]
+    for layer in range(2):
+        block = f"model.layers.{layer}.{BLOCK[model_type]}.experts"
+        algos = {
+            (layers.get(f"{block}.{e}.{p}") or {}).get("quant_algo")
+            for e in range(4)
+            for p in (gate, up, down)
+        }
+        assert len(algos) == 1, f"{block}: {algos}"
+    # the search really mixed (else the per-block check above proves nothing)
+    assert len({v["quant_algo"] for v in layers.values()}) == 2, layers
+    assert rec["status"] == "success" and rec["stages"][2]["status"] == "success"
+    # the export the gate judged computes what the searched model computes (the hand-over,
+    # restored through ModelOpt): closer to it than the unquantized model is (on this tiny
+    # random Qwen3-MoE ptq's own exports measure 0.87 for fp8 and 0.97 for int4_awq, this
+    # 0.83; with the INT4 nibbles read in the wrong order, 1.95)
+    from transformers import AutoModelForCausalLM
+
+    from optimizer.models import load_model
+    from optimizer.unified.rebuild import rebuild
+
+    handover = tmp_path / "run" / "stages" / "00-auto_quantize" / "model"
+    quantized = logits(load_model(handover, "float32"))
+    plain = logits(
+        AutoModelForCausalLM.from_pretrained(moe_models[model_type], dtype=torch.float32)
+    )
+    rebuilt = logits(rebuild(export, "float32", "cpu").model)
+    ratio = float((rebuilt - quantized).abs().mean() / (quantized - plain).abs().mean())
+    assert ratio < 1.0, ratio

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from optimizer import architectures
 from optimizer.formats import FORMATS, check_block_size
 from optimizer.plan import Environment, LayerFormat, ModelPlan, Quantization
 from optimizer.stages.base import Stage, StageProblem, StageResult, quantizing_problems
-from optimizer.techniques.auto_quantize import AutoQuantizeConfig, auto_quantize
+from optimizer.techniques.auto_quantize import (
+    AutoQuantizeConfig,
+    auto_quantize,
+    resolved_cost_model,
+)
 
 if TYPE_CHECKING:
     from optimizer.context import StageContext
@@ -27,7 +32,30 @@ class AutoQuantize(Stage, AutoQuantizeConfig):
 
     def plan(self, prev: ModelPlan, env: Environment) -> tuple[ModelPlan, list[StageProblem]]:
         plan, problems = super().plan(prev, env)
-        problems += quantizing_problems(prev, per_layer_formats=True)
+        # (an MoE is fine: ModelOpt makes one choice for all expert projections of a block,
+        # the one format per block the gate's rebuild reads)
+        problems += quantizing_problems(prev)
+        model_type = prev.dims.model_type if prev.dims is not None else None
+        if prev.dims is not None:
+            moe = architectures.is_moe(model_type)
+            if self.cost_model == "active_moe" and not moe:
+                problems.append(
+                    (
+                        "cost_model",
+                        f"active_moe weighs routed experts' weights; a {model_type} model has "
+                        "no routed experts (use weight or auto)",
+                    )
+                )
+            if self.active_moe_expert_ratio is not None and (
+                resolved_cost_model(self, moe) != "active_moe"
+            ):
+                problems.append(
+                    (
+                        "active_moe_expert_ratio",
+                        "applies to cost_model active_moe only (auto means active_moe on a "
+                        "mixture-of-experts model)",
+                    )
+                )
         for fmt in self.formats:
             if FORMATS[fmt].needs_gpu and env.gpu is False:
                 problems.append(("formats", f"{fmt} needs a CUDA GPU and this machine has none"))
@@ -53,11 +81,17 @@ class AutoQuantize(Stage, AutoQuantizeConfig):
 
     def run(self, ctx: StageContext) -> StageResult:
         from optimizer.calibration import batches
+        from optimizer.techniques.unfused_experts import unfuse_experts
 
         assert ctx.recipe.calibration is not None
         tokens = ctx.calibration_tokens()
+        model = ctx.model()
+        # ModelOpt quantizes, scores and exports MoE experts one module each, as in ptq
+        unfused = unfuse_experts(model)
+        if unfused:
+            ctx.log.info("unfused the experts of %d MoE blocks for quantization", len(unfused))
         model, metrics = auto_quantize(
-            ctx.model(), self, list(batches(tokens, ctx.calibration_batch_size()))
+            model, self, list(batches(tokens, ctx.calibration_batch_size())), moe=bool(unfused)
         )
         ctx.state.model = model
         ctx.log.info(

@@ -3,6 +3,12 @@
 ModelOpt scores each layer's sensitivity to each candidate format on calibration batches
 (gradient or KL-divergence) and picks, per layer, the format (or none) that minimises the
 loss while the model's effective weight bits stay under the budget.
+
+On a mixture-of-experts model (experts unfused first: techniques.unfused_experts) ModelOpt
+groups every expert projection of a block into one choice, so a block's experts share one
+format, and its ``active_moe`` cost model weighs the routed experts' weights by the share of
+experts a token runs through (``top_k / num_experts`` from the config unless given): the
+budget is then on the bits a token's computation reads, not on the bits stored.
 """
 
 from __future__ import annotations
@@ -36,6 +42,19 @@ class AutoQuantizeConfig(BaseModel):
     num_score_steps: int | None = Field(
         None, gt=0, description="batches used for scoring (default: all)"
     )
+    cost_model: Literal["auto", "weight", "active_moe"] = Field(
+        "auto",
+        description="what effective_bits averages over: weight (every stored weight), "
+        "active_moe (routed experts' weights scaled by the share of experts a token uses); "
+        "auto: active_moe on a mixture-of-experts model, weight otherwise",
+    )
+    active_moe_expert_ratio: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="experts a token uses / experts per block, for active_moe (default: "
+        "top_k / num_experts from the model config)",
+    )
 
     @field_validator("formats")
     @classmethod
@@ -57,8 +76,18 @@ class AutoQuantizeConfig(BaseModel):
         return 4.0 if any(f in ("int4_awq", "w4a8_awq", "nvfp4") for f in self.formats) else 8.0
 
 
-def auto_quantize(model, config: AutoQuantizeConfig, batches: list[Any]) -> tuple[Any, dict]:
-    """Search and apply per-layer formats; ``batches`` are ``[batch, seq]`` token tensors.
+def resolved_cost_model(config: AutoQuantizeConfig, moe: bool) -> str:
+    """The cost model ``config`` asks for on a model that is (or is not) an MoE."""
+    if config.cost_model == "auto":
+        return "active_moe" if moe else "weight"
+    return config.cost_model
+
+
+def auto_quantize(
+    model, config: AutoQuantizeConfig, batches: list[Any], *, moe: bool = False
+) -> tuple[Any, dict]:
+    """Search and apply per-layer formats; ``batches`` are ``[batch, seq]`` token tensors;
+    ``moe``: the model's experts are routed (what ``cost_model: auto`` follows).
 
     Returns the quantized model (ModelOpt may return a new object) and a summary. An
     infeasible budget is the user's choice: OptimizerError, not a crash.
@@ -72,11 +101,18 @@ def auto_quantize(model, config: AutoQuantizeConfig, batches: list[Any]) -> tupl
     def forward_step(m, batch):
         return m(**{k: v.to(device) for k, v in batch.items()})
 
+    cost_model = resolved_cost_model(config, moe)
+    constraints: dict[str, Any] = {
+        "effective_bits": config.effective_bits,
+        "cost_model": cost_model,
+    }
+    if config.active_moe_expert_ratio is not None:
+        constraints["cost"] = {"active_moe_expert_ratio": config.active_moe_expert_ratio}
     t0 = time.time()
     try:
         model, state = mtq.auto_quantize(
             model,
-            constraints={"effective_bits": config.effective_bits},
+            constraints=constraints,
             quantization_formats=candidates,
             data_loader=loader,
             forward_step=forward_step,
@@ -95,6 +131,8 @@ def auto_quantize(model, config: AutoQuantizeConfig, batches: list[Any]) -> tupl
     best = state.get("best", {})
     return model, {
         "effective_bits_budget": config.effective_bits,
+        "cost_model": cost_model,
+        "active_moe_expert_ratio": state.get("active_moe_expert_ratio"),
         "effective_bits": best.get("constraints", {}).get("effective_bits"),
         "formats_chosen": format_counts(best.get("recipe", {})),
         "search_seconds": round(time.time() - t0, 3),

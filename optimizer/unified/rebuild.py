@@ -459,6 +459,7 @@ def assemble(
             weight, act_kind, input_scale, pqs = _read_quantized(
                 path, scheme, tensors, name, consumed
             )
+            quantized.add(name)  # (a MIXED_PRECISION config names experts one by one)
             if pqs is not None and tuple(pqs.shape) != (weight.shape[1],):
                 raise OptimizerError(
                     f"{path}: {name}.pre_quant_scale {tuple(pqs.shape)}, the expert takes "
