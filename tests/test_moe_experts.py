@@ -279,3 +279,45 @@ def test_auto_quantize_on_an_moe_gives_a_block_s_experts_one_format_under_the_ac
     rebuilt = logits(rebuild(export, "float32", "cpu").model)
     ratio = float((rebuilt - quantized).abs().mean() / (quantized - plain).abs().mean())
     assert ratio < 1.0, ratio
+
+
+def test_the_unfused_hand_over_loads_shard_by_shard_and_refuses_a_missing_tensor(
+    moe_models, tmp_path
+):
+    """Split over several files (the loader reads one shard at a time, so host memory peaks at
+    the model plus one shard), the hand-over gives the same model; a tensor gone is named."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from optimizer.errors import OptimizerError
+    from optimizer.techniques.unfused_experts import load_unfused_checkpoint
+
+    assert run_tiny_recipe(tmp_path, moe_models["qwen3_moe"], [ptq("int4_awq")]) == 0
+    whole = tmp_path / "run" / "stages" / "00-ptq" / "model"
+    split = shutil.copytree(whole, tmp_path / "split")
+    for f in split.glob("*.safetensors"):
+        f.unlink()
+    (split / "model.safetensors.index.json").unlink(missing_ok=True)
+    tensors = {}
+    for f in whole.glob("*.safetensors"):
+        tensors.update(load_file(str(f)))
+    names = sorted(tensors)
+    for i in range(3):
+        part = {k: tensors[k] for k in names[i::3]}
+        save_file(part, str(split / f"model-{i + 1:05d}-of-00003.safetensors"), {"format": "pt"})
+    one = load_unfused_checkpoint(whole, torch.float32).state_dict()
+    three = load_unfused_checkpoint(split, torch.float32).state_dict()
+    assert one.keys() == three.keys()
+    assert all(torch.equal(one[k], three[k]) for k in one)
+
+    gone = next(k for k in names if "experts.1.down_proj.weight" in k)
+    f = split / "model-00001-of-00003.safetensors"
+    part = load_file(str(f))
+    if gone not in part:
+        f = next(x for x in split.glob("*.safetensors") if gone in load_file(str(x)))
+        part = load_file(str(f))
+    del part[gone]
+    save_file(part, str(f), {"format": "pt"})
+    with pytest.raises(OptimizerError, match=r"1 missing, 0 unexpected; first: .*experts\.1"):
+        load_unfused_checkpoint(split, torch.float32)

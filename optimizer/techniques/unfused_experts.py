@@ -228,20 +228,28 @@ def load_unfused_checkpoint(path, dtype, device=None):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     unfuse_experts(model, copy_weights=False)
     mto.restore_from_modelopt_state(model, modelopt_state_path=path / "modelopt_state.pth")
-    state = {}
+    # One shard at a time (each at most 4 GB, models.save_in_dtype): host memory peaks at the
+    # model plus one shard, not twice the model.
+    expected = set(model.state_dict())
+    loaded: set[str] = set()
+    unexpected: list[str] = []
     for f in sorted(path.glob("*.safetensors")):
+        shard = {}
         for key, value in load_file(str(f)).items():
             for hub, ours in _HUB_BLOCKS.items():
                 key = key.replace(hub, ours)
-            state[key] = value
-    result = model.load_state_dict(state, strict=False)
+            shard[key] = value
+        result = model.load_state_dict(shard, strict=False)
+        unexpected += result.unexpected_keys
+        loaded.update(k for k in shard if k in expected)
+        del shard, result
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
-    if missing or result.unexpected_keys:
-        first = (missing or result.unexpected_keys)[0]
+    missing = sorted(k for k in expected - loaded if not (tied and k == "lm_head.weight"))
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
         raise OptimizerError(
             f"{path}: the saved tensors do not fit the model with unfused experts "
-            f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected; first: {first})"
+            f"({len(missing)} missing, {len(unexpected)} unexpected; first: {first})"
         )
     if tied:
         model.tie_weights()
