@@ -173,19 +173,6 @@ def moe_mixed_problem(model_type: str | None) -> str | None:
     )
 
 
-def moe_offload_problem(model_type: str | None, stage_names: list[str]) -> str | None:
-    """Why ``model.max_memory`` (sharding / offload) cannot be honoured for this recipe: ptq
-    unfuses an MoE model's experts (techniques.unfused_experts) and its hand-over loads onto
-    one device."""
-    fam = _moe(model_type)
-    if fam is None or "ptq" not in stage_names:
-        return None
-    return (
-        f"not supported yet for {fam.name} with a ptq stage: ptq quantizes the experts one "
-        "module each and the quantized hand-over loads onto one device; remove max_memory"
-    )
-
-
 def support_matrix() -> str:
     """The family x target table of the README (tests/test_families.py checks that the README
     holds exactly this, and has a tiny-model test for every cell)."""

@@ -18,6 +18,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
+from optimizer.errors import OptimizerError
+
 #: The per-module converters of ModelOpt's TensorRT-LLM exporter
 #: (modelopt/torch/export/model_config_export.py calls them by these names); each reads
 #: its module's weights, and the result holds tensors (views of them, or derived).
@@ -119,12 +121,29 @@ def export_trtllm_checkpoint(model, out: Path, *, dtype: str, tp: int = 1, pp: i
     return trtllm.summarize(out)
 
 
+def _pre_quant_scaled(model) -> list[str]:
+    """Modules whose input quantizer carries an AWQ / SmoothQuant pre-quant scale."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(module, "input_quantizer", None), "pre_quant_scale", None) is not None
+    ]
+
+
 def export_unified_hf_checkpoint(model, out: Path, *, dtype: str) -> dict[str, Any]:
     """Write the unified HF checkpoint (``hf_quant_config.json`` when quantized). An
     offloaded model takes ModelOpt's streaming path (one layer materialized at a time)."""
     from modelopt.torch.export import export_hf_checkpoint
 
-    from optimizer.models import torch_dtype
+    from optimizer.models import is_offloaded, torch_dtype
 
+    if is_offloaded(model) and (smoothed := _pre_quant_scaled(model)):
+        raise OptimizerError(
+            f"the unified HF export of an offloaded model with AWQ / SmoothQuant pre-quant "
+            f"scales ({smoothed[0]}, {len(smoothed)} in all) fails in ModelOpt 0.47: it "
+            "re-smooths fused layers with a forward over their offloaded (meta) weights. The "
+            "quantized model is saved: resume with a model.max_memory.gpu that holds the "
+            "model (no offload), or quantize to a format without pre-quant scales (fp8, nvfp4)"
+        )
     export_hf_checkpoint(model, dtype=torch_dtype(dtype), export_dir=out)
     return {"bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}

@@ -518,9 +518,21 @@ def load_model(
         if unfused_experts.is_unfused_checkpoint(path):
             # A quantized MoE hand-over (ptq unfuses the experts): from_pretrained would
             # restore ModelOpt's per-expert state onto fused experts.
+            capped = "max_memory" in kwargs
             model = unfused_experts.load_unfused_checkpoint(
-                path, torch_dtype(dtype), single_device(kwargs, path)
+                path, torch_dtype(dtype), None if capped else single_device(kwargs)
             )
+            if capped:
+                dispatch(model, kwargs)
+        elif "max_memory" in kwargs and unfused_experts.fused_moe_checkpoint(path):
+            # Under a cap an MoE is unfused in host memory first (offloaded experts could not
+            # be split), then placed: ptq and auto_quantize quantize the experts one module
+            # each (techniques.unfused_experts; the same forward).
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+            )
+            unfused_experts.unfuse_experts(model)
+            dispatch(model, kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 path,
@@ -549,18 +561,34 @@ def load_model(
     return model
 
 
-def single_device(kwargs: dict[str, Any], path: Path) -> Any:
+def single_device(kwargs: dict[str, Any]) -> Any:
     """The one device a model loaded outside ``from_pretrained`` goes to, for the placement
-    arguments ``kwargs`` (:func:`placement`); a cap on GPU memory cannot be honoured."""
+    arguments ``kwargs`` (:func:`placement`) without a cap (:func:`dispatch` places one under
+    a cap)."""
     device_map = kwargs.get("device_map")
-    if "max_memory" in kwargs:
-        raise OptimizerError(
-            f"{path}: model.max_memory (offloading) is not supported for a quantized "
-            "mixture-of-experts hand-over yet; remove it, or resume on a larger GPU"
-        )
     if isinstance(device_map, dict):
         return f"cuda:{device_map['']}"
     return "cuda:0" if device_map == "auto" else None
+
+
+def dispatch(model, kwargs: dict[str, Any]) -> None:
+    """Place a model built in host memory as ``from_pretrained(**kwargs)`` would under a
+    ``max_memory`` cap (:func:`placement`): accelerate's device map for the caps (whole
+    decoder layers), then its hooks (modules mapped to ``cpu`` offloaded: their weights stay
+    in host memory and visit the GPU for their forward)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    device_map = infer_auto_device_map(
+        model, max_memory=kwargs["max_memory"], no_split_module_classes=no_split
+    )
+    if any(d == "disk" for d in device_map.values()):
+        raise OptimizerError(
+            "model.max_memory leaves no room for the model in GPU and host memory together; "
+            "raise model.max_memory.cpu"
+        )
+    dispatch_model(model, device_map=device_map)
+    model.hf_device_map = device_map
 
 
 def placement_summary(model) -> str:

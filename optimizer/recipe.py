@@ -667,12 +667,6 @@ def parse_recipe(data: Any, smap: SourceMap, base_dir: Path, device: str = "auto
                 )
                 problems.append(smap.problem(stage_paths[i] + rel_path, msg))
         recipe = recipe.model_copy(update={"plans": plans})
-        if recipe.model.max_memory is not None and plans[0].dims is not None:
-            from optimizer.architectures import moe_offload_problem
-
-            names = [s.name for s in stages]
-            if msg := moe_offload_problem(plans[0].dims.model_type, names):
-                problems.append(smap.problem(("model", "max_memory"), msg))
         if not problems:
             problems += _threshold_problems(recipe, stage_paths, smap)
         problems += _check_files(recipe, smap)

@@ -81,7 +81,7 @@ class AutoQuantize(Stage, AutoQuantizeConfig):
 
     def run(self, ctx: StageContext) -> StageResult:
         from optimizer.calibration import batches
-        from optimizer.techniques.unfused_experts import unfuse_experts
+        from optimizer.techniques.unfused_experts import unfuse_experts, unfused_experts
 
         assert ctx.recipe.calibration is not None
         tokens = ctx.calibration_tokens()
@@ -91,7 +91,11 @@ class AutoQuantize(Stage, AutoQuantizeConfig):
         if unfused:
             ctx.log.info("unfused the experts of %d MoE blocks for quantization", len(unfused))
         model, metrics = auto_quantize(
-            model, self, list(batches(tokens, ctx.calibration_batch_size())), moe=bool(unfused)
+            model,
+            self,
+            list(batches(tokens, ctx.calibration_batch_size())),
+            # (under model.max_memory the loader has unfused them already)
+            moe=bool(unfused_experts(model)),
         )
         ctx.state.model = model
         ctx.log.info(

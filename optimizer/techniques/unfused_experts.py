@@ -173,6 +173,23 @@ def unfused_experts(model) -> dict[str, UnfusedExperts]:
 _HUB_BLOCKS = {".block_sparse_moe.": ".mlp."}
 
 
+def fused_moe_checkpoint(path) -> bool:
+    """Whether ``path`` holds a model of a family :func:`unfuse_experts` knows, not yet
+    unfused (transformers 5 loads its experts fused)."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # the ordinary load reports it
+    return (
+        isinstance(config, dict)
+        and config.get("model_type") in UNFUSED_MODEL_TYPES
+        and not is_unfused_checkpoint(path)
+    )
+
+
 def is_unfused_checkpoint(path) -> bool:
     """Whether the checkpoint at ``path`` is a quantized model saved with unfused experts:
     ModelOpt state next to per-expert quantizer tensors (``experts.0.<proj>.*_quantizer.*``)."""
