@@ -20,6 +20,8 @@ configs (tests/test_families.py keeps them true):
   a block's experts in one format, so exclusions of single expert projections and the
   search's per-layer-group mixes stay refused. auto_quantize is allowed: ModelOpt's
   AutoQuantize makes one choice for all expert projections of a block.
+- Under ``model.max_memory`` an MoE is unfused in host memory and then placed by accelerate
+  (models.load_model / models.dispatch), so offloading works for it as for dense models.
 - The unified checkpoint stores experts under per-expert hub names
   (``experts.E.gate_proj``); the gate's rebuild stacks them back into transformers' fused
   experts (optimizer/unified/experts.py).

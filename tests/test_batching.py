@@ -6,6 +6,7 @@ import torch
 
 from optimizer import batching, calibration
 from optimizer.evaluation import harness
+from optimizer.evaluation.suite import DEFAULT_BATCH_SIZE
 
 GiB = 2**30
 
@@ -115,7 +116,7 @@ def test_hf_lm_on_a_cpu_model_uses_the_fixed_default(tiny_llama):
         batch_size="auto",
         max_length=128,
     )
-    assert lm.batch_size == harness.DEFAULT_BATCH_SIZE
+    assert lm.batch_size == DEFAULT_BATCH_SIZE
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="measures CUDA memory (GPU machine)")

@@ -212,7 +212,7 @@ class EndpointCandidate(Candidate):
         self._probed = "logprobs"
 
     def load(self, suite: Suite, baseline: BaselineRef) -> Scorable:
-        from optimizer.evaluation.harness import DEFAULT_BATCH_SIZE
+        from optimizer.evaluation.suite import DEFAULT_BATCH_SIZE
 
         self.check(baseline, suite, include_path=self._include_path)
         return endpoint_lm(

@@ -135,16 +135,13 @@ def task_fingerprint(
     return h.hexdigest()
 
 
-#: A suite's ``batch_size: auto`` where nothing is measured: a CPU, a model spread over devices.
-DEFAULT_BATCH_SIZE = 16
-
-
 def hf_lm(model: Any, tokenizer: Any, *, batch_size: int | str, max_length: int) -> Any:
     """lm-eval's HFLM around an in-memory model, scoring shared contexts once. ``auto`` on a
     model wholly on one GPU is measured (prefix_sharing for multiple choice, lm-eval's own
     detection for generation); elsewhere it is :data:`DEFAULT_BATCH_SIZE`."""
     from optimizer import batching
     from optimizer.evaluation.prefix_sharing import PrefixSharingHFLM
+    from optimizer.evaluation.suite import DEFAULT_BATCH_SIZE
 
     if batching.gpu_device(model) is None:
         batch_size = batching.fixed(batch_size, DEFAULT_BATCH_SIZE)

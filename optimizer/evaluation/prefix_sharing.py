@@ -146,7 +146,7 @@ class PrefixSharingHFLM(HFLM):
         that forward's peak memory (optimizer.batching): the same computation a batch repeats
         per row, so a small margin suffices."""
         from optimizer import batching
-        from optimizer.evaluation.harness import DEFAULT_BATCH_SIZE
+        from optimizer.evaluation.suite import DEFAULT_BATCH_SIZE
 
         choice = batching.measure(
             self.model,

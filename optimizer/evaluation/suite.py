@@ -84,6 +84,10 @@ class TaskSettings(NamedTuple):
     num_fewshot: int | None
 
 
+#: A suite's ``batch_size: auto`` where nothing is measured: a CPU, a model spread over devices.
+DEFAULT_BATCH_SIZE = 16
+
+
 class Suite(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
