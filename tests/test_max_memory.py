@@ -131,8 +131,6 @@ def _load(path, kind: str, tmp):
     GPU machine (a state dict of host tensors behind the hooks), with the CPU as the
     execution device."""
     import torch
-    from accelerate.hooks import attach_align_device_hook_on_blocks
-    from accelerate.utils import OffloadedWeightsLoader, extract_submodules_state_dict
     from transformers import AutoModelForCausalLM
 
     models.enable_modelopt_checkpointing()
@@ -141,18 +139,29 @@ def _load(path, kind: str, tmp):
     if kind == "disk":
         kwargs = {"device_map": device_map, "offload_folder": tmp / "offload"}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **kwargs).eval()
-    if kind == "host":
-        offloaded = [name for name, device in device_map.items() if device == "disk"]
-        weights = extract_submodules_state_dict(model.state_dict(), offloaded)
-        attach_align_device_hook_on_blocks(
-            model,
-            execution_device={name: torch.device("cpu") for name in device_map},
-            offload={name: name in offloaded for name in device_map},
-            weights_map=OffloadedWeightsLoader(state_dict=weights),
-            skip_keys=model._skip_keys_device_placement,
-        )
-        # as on a GPU machine: GPU 0 and "cpu" (save_pretrained reads offloaded weights then)
-        model.hf_device_map = {n: "cpu" if n in offloaded else 0 for n in device_map}
+    return offload_to_host(model) if kind == "host" else model
+
+
+def offload_to_host(model):
+    """``model`` with the layers :func:`_offload_map` sends to ``disk`` offloaded to host
+    memory instead, behind the hooks accelerate's dispatch_model attaches on a GPU machine
+    (here with the CPU as the execution device)."""
+    import torch
+    from accelerate.hooks import attach_align_device_hook_on_blocks
+    from accelerate.utils import OffloadedWeightsLoader, extract_submodules_state_dict
+
+    device_map = _offload_map(len(model.model.layers))
+    offloaded = [name for name, device in device_map.items() if device == "disk"]
+    weights = extract_submodules_state_dict(model.state_dict(), offloaded)
+    attach_align_device_hook_on_blocks(
+        model,
+        execution_device={name: torch.device("cpu") for name in device_map},
+        offload={name: name in offloaded for name in device_map},
+        weights_map=OffloadedWeightsLoader(state_dict=weights),
+        skip_keys=model._skip_keys_device_placement,
+    )
+    # as on a GPU machine: GPU 0 and "cpu" (save_pretrained reads offloaded weights then)
+    model.hf_device_map = {n: "cpu" if n in offloaded else 0 for n in device_map}
     return model
 
 

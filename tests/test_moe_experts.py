@@ -166,9 +166,7 @@ def test_an_offloaded_moe_calibrates_saves_and_exports_to_the_same_bytes(moe_mod
     the layers and lm_head offloaded behind accelerate's hooks, as dispatch_model leaves a GPU
     machine's model (here with the CPU as execution device): ptq -> hand-over -> reload with
     unfused experts -> unified export give the resident run's bytes."""
-    from accelerate.hooks import attach_align_device_hook_on_blocks
-    from accelerate.utils import OffloadedWeightsLoader, extract_submodules_state_dict
-    from test_max_memory import _offload_map, _tensors
+    from test_max_memory import _tensors, offload_to_host
     from transformers import AutoModelForCausalLM
 
     from optimizer import calibration, models
@@ -178,17 +176,7 @@ def test_an_offloaded_moe_calibrates_saves_and_exports_to_the_same_bytes(moe_mod
     from optimizer.techniques.unfused_experts import load_unfused_checkpoint, unfuse_experts
 
     def offload(model):
-        device_map = _offload_map(2)
-        offloaded = [name for name, device in device_map.items() if device == "disk"]
-        weights = extract_submodules_state_dict(model.state_dict(), offloaded)
-        attach_align_device_hook_on_blocks(
-            model,
-            execution_device={name: torch.device("cpu") for name in device_map},
-            offload={name: name in offloaded for name in device_map},
-            weights_map=OffloadedWeightsLoader(state_dict=weights),
-            skip_keys=model._skip_keys_device_placement,
-        )
-        model.hf_device_map = {n: "cpu" if n in offloaded else 0 for n in device_map}
+        model = offload_to_host(model)
         assert models.is_offloaded(model)
         return model
 
