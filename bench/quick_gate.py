@@ -46,7 +46,7 @@ def main() -> int:
     import modelopt.torch.quantization as mtq
     import torch
 
-    from optimizer import calibration, hardware, models
+    from optimizer import batching, calibration, hardware, models
     from optimizer.evaluation import Suite, SuiteTask, TaskScores, Threshold
     from optimizer.evaluation.harness import score_suite
     from optimizer.evaluation.verdict import judge
@@ -137,7 +137,13 @@ def main() -> int:
     tokens = calibration.tokenize(spec, calibration.load_texts(spec, recipe.base_dir), tok)
     cfg = recipe.stages[0].modelopt_config()
     t0 = time.time()
-    mtq.quantize(model, cfg, calibration.forward_loop(tokens, spec.batch_size))
+    mtq.quantize(
+        model,
+        cfg,
+        calibration.forward_loop(
+            tokens, batching.fixed(spec.batch_size, calibration.DEFAULT_BATCH_SIZE)
+        ),
+    )
     calib_s = round(time.time() - t0, 1)
     evaluate("fp8", model)
     del model

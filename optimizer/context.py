@@ -118,15 +118,23 @@ class StageContext:
             )
         return self.state.calibration_tokens
 
-    def forward_loop(self):
+    def forward_loop(self, *, measured: bool = True):
         """ModelOpt's calibration loop over the recipe's windows. With ``batch_size: auto``
         one window's forward is measured first, on the model as it is now: call this before
-        the quantizers are inserted (``quantize(model, cfg, ctx.forward_loop())`` does)."""
+        the quantizers are inserted (``quantize(model, cfg, ctx.forward_loop())`` does).
+        ``measured=False`` (a stage that calibrates a copy of the model while the original
+        stays resident), or a ``model.max_memory`` cap (the user's budget, not the free
+        memory): the fixed size of :meth:`calibration_batch_size`."""
         assert self.recipe.calibration is not None
         tokens = self.calibration_tokens()
-        choice = calibration.choose_batch_size(
-            self.model(), tokens, self.recipe.calibration.batch_size
-        )
+        if measured and self.state.max_memory is None:
+            choice = calibration.choose_batch_size(
+                self.model(), tokens, self.recipe.calibration.batch_size
+            )
+        else:
+            why = "under model.max_memory" if measured else "a copy of the model calibrates"
+            size = self.calibration_batch_size()
+            choice = batching.Choice(size, measured=False, reason=why)
         self.calibration_choice = choice
         log.info("calibration: %s", choice.describe())
         return calibration.forward_loop(tokens, choice.batch_size)

@@ -174,8 +174,9 @@ class CalibrationSpec(Strict):
     ] = Field(
         "auto",
         description="windows per calibration forward; auto: as many as fit in half the free "
-        "GPU memory (one window's forward measured, at most 64), 8 on a CPU or with "
-        "model.max_memory, and 8 for the stages that take gradients or logits per batch",
+        "GPU memory (one window's forward measured, at most 64), 8 on a CPU, with "
+        "model.max_memory, in search (trials calibrate a copy) and for the stages that take "
+        "gradients or logits per batch",
     )
     chat_template: bool = False
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0  # numpy's seed range

@@ -97,6 +97,9 @@ def test_measured_evaluation_scores_the_first_row_once_and_matches_fixed_batches
         forward()
         return batching.Choice(2, measured=True, per_item_bytes=1, free_bytes=GiB)
 
+    def fake_fallback(model_, forward, limit, fallback, **_):  # measures (and scores) nothing
+        return batching.Choice(3, measured=False, reason="spread")
+
     monkeypatch.setattr(PrefixSharingHFLM, "_score_batch", counting)
     monkeypatch.setattr(batching, "measure", fake_measure)
     auto = scores("auto")
@@ -105,6 +108,11 @@ def test_measured_evaluation_scores_the_first_row_once_and_matches_fixed_batches
     # 4 rows (4 contexts): the widest alone (measured), then batches of 2, then the rest
     assert [len(w) for w in widths] == [1, 2, 1]
     assert widths[0][0] == max(w for batch in widths for w in batch)
+    widths.clear()
+    monkeypatch.setattr(batching, "measure", fake_fallback)
+    fallen_back = scores("auto")
+    assert None not in fallen_back and [len(w) for w in widths] == [3, 1]
+    assert [lp for lp, _ in fallen_back] == pytest.approx([lp for lp, _ in fixed], abs=1e-4)
 
 
 def test_hf_lm_on_a_cpu_model_uses_the_fixed_default(tiny_llama):

@@ -71,10 +71,9 @@ def test_run_json_contract(finished_run, tiny_llama):
         for out in stage["outputs"].values():
             assert sha256_tree(__import__("pathlib").Path(out["path"])) == out["sha256"]
     assert rec["stages"][0]["metrics"]["quantized_layers"] == 14  # 7 linears x 2 layers
-    # the recipe's batch_size, or auto's CPU default (tests/test_batching.py: the GPU's)
+    # the recipe's batch_size (tests/test_batching.py: auto's)
     spec = load_recipe(recipe).calibration
-    expected = 8 if spec.batch_size == "auto" else spec.batch_size
-    assert rec["stages"][0]["metrics"]["calibration_batch_size"] == expected
+    assert rec["stages"][0]["metrics"]["calibration_batch_size"] == spec.batch_size == 4
     assert rec["stages"][1]["metrics"]["trtllm_checkpoint"]["quant_algo"] == "FP8"
     assert rec["artifacts"] == {
         "trtllm_checkpoint": str(run_dir / "trtllm_checkpoint"),

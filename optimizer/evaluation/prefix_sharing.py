@@ -126,7 +126,8 @@ class PrefixSharingHFLM(HFLM):
         done = 0
         if batch_size == "auto" and ordered:
             # The widest row first, alone and measured: no later row needs more memory.
-            batch_size, done = self._measured_batch_size(ordered[0], scored), 1
+            batch_size = self._measured_batch_size(ordered[0], scored)
+            done = 1 if scored else 0  # (a fallback measures nothing and scores nothing)
         size = int(batch_size) if batch_size != "auto" else 1
         batches = [ordered[:done]] if done else []
         batches += [ordered[s : s + size] for s in range(done, len(ordered), size)]

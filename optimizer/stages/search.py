@@ -233,7 +233,8 @@ class Search(Stage, SearchConfig, GateCriteria):
         model, state, chosen = search(
             ctx.model(),
             self,
-            forward_loop=ctx.forward_loop(),
+            # each trial calibrates a copy while the model stays resident: not measured
+            forward_loop=ctx.forward_loop(measured=False),
             batches=list(batches(tokens, ctx.calibration_batch_size())),
             judge=judge,
             state=state,

@@ -94,8 +94,10 @@ def auto_quantize(
     """
     import modelopt.torch.quantization as mtq
 
+    from optimizer.models import input_device
+
     loader = [{"input_ids": b, "labels": b} for b in batches]
-    device = next(model.parameters()).device
+    device = input_device(model)  # (not meta when the first layers are offloaded)
     candidates = [build_config(f, group_size=config.group_for(f)) for f in config.formats]
 
     def forward_step(m, batch):
@@ -127,6 +129,10 @@ def auto_quantize(
             raise OptimizerError(
                 f"effective_bits {config.effective_bits}: {e} Raise the budget."
             ) from None
+        if "active_moe_expert_ratio" in str(e) or "cost constraints" in str(e):
+            # ModelOpt's cost model refuses this model (e.g. no top-k / expert count in its
+            # config): the recipe's cost_model / active_moe_expert_ratio are the user's to fix
+            raise OptimizerError(f"cost_model {cost_model}: {e}") from None
         raise
     best = state.get("best", {})
     return model, {

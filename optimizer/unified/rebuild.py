@@ -353,16 +353,34 @@ def read_device(device: str, file_bytes: int, free_bytes: int | None) -> str:
 
 
 def _load_tensors(path: Path, device: str = "cpu") -> dict[str, Any]:
-    """Every tensor of the checkpoint's safetensors files, read onto ``device``."""
-    from safetensors.torch import load_file
+    """Every tensor of the checkpoint's safetensors files, read onto ``device`` (the host's
+    memory when the GPU runs out: another process may have taken what was measured free)."""
+    import torch
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise OptimizerError(f"{path} has no *.safetensors files")
+    if device != "cpu":
+        try:
+            return _read_all(files, device)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            log.warning(
+                "%s: no room on %s for the checkpoint; reading it on the host", path, device
+            )
+    return _read_all(files, "cpu")
+
+
+def _read_all(files: list[Path], device: str) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file
+
     tensors: dict[str, Any] = {}
     for f in files:
         try:
             tensors.update(load_file(str(f), device=device))
+        except torch.cuda.OutOfMemoryError:
+            raise
         except Exception as e:  # a corrupt file: the user's to fix
             raise OptimizerError(f"{f} is not a readable safetensors file ({e})") from e
     return tensors
