@@ -276,21 +276,28 @@ def test_the_tensorrt_llm_refusals_still_hold_with_unfused_experts(moe_models, t
             export_trtllm_checkpoint(model, tmp_path / model_type, dtype="bfloat16", tp=1, pp=1)
 
 
-def test_max_memory_with_ptq_on_an_moe_is_refused_at_validation(moe_models, tmp_path, capsys):
-    """The quantized MoE hand-over loads onto one device (single_device above), so a recipe
-    asking for sharding / offload with a ptq stage is refused before anything loads, by name."""
+def test_max_memory_with_ptq_on_an_moe_validates_and_takes_the_unfuse_then_place_load(
+    moe_models, tmp_path, tiny_llama
+):
+    """A cap with ptq on an MoE is accepted (models.load_model unfuses it in host memory and
+    then places it); the loader's branch: a fused MoE source yes, a dense model or a quantized
+    MoE hand-over (loaded by load_unfused_checkpoint) no."""
+    from tiny import CALIBRATION
+
+    from optimizer.techniques.unfused_experts import fused_moe_checkpoint
+
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         f"name: moe-offload\nmodel: {{source: {moe_models['qwen3_moe']}, "
-        "max_memory: {gpu: 1GiB}}\nstages:\n  - ptq: {format: fp8}\n"
+        f"max_memory: {{gpu: 1GiB}}}}\ncalibration: {{dataset: {CALIBRATION}}}\n"
+        "stages:\n  - ptq: {format: fp8}\n"
     )
-    assert main(["run", str(recipe), "-o", str(tmp_path / "run"), "-q"]) == 2
-    err = capsys.readouterr().err
-    assert "model.max_memory" in err and "Qwen3-MoE with a ptq stage" in err
-    assert "Traceback" not in err and not (tmp_path / "run").exists()
-    # without ptq (a gate of the source model, say) the cap stays allowed
-    recipe.write_text(recipe.read_text().replace("ptq: {format: fp8}", "gate: {suite: quick}"))
     assert main(["validate", str(recipe)]) == 0
+    assert fused_moe_checkpoint(moe_models["qwen3_moe"])
+    assert fused_moe_checkpoint(moe_models["mixtral"])
+    assert not fused_moe_checkpoint(tiny_llama)
+    assert run_tiny_recipe(tmp_path, moe_models["qwen3_moe"], [ptq("fp8")]) == 0
+    assert not fused_moe_checkpoint(tmp_path / "run" / "stages" / "00-ptq" / "model")
 
 
 @pytest.mark.parametrize(("model_type", "unfused"), [("qwen3_moe", True), ("deepseek_v3", False)])
