@@ -173,27 +173,28 @@ def unfused_experts(model) -> dict[str, UnfusedExperts]:
 _HUB_BLOCKS = {".block_sparse_moe.": ".mlp."}
 
 
-def fused_moe_checkpoint(path) -> bool:
-    """Whether ``path`` holds a model of a family :func:`unfuse_experts` knows, not yet
-    unfused (transformers 5 loads its experts fused)."""
+def _unfusable_family(path) -> bool:
+    """Whether ``path``'s config.json names a family :func:`unfuse_experts` knows
+    (unreadable: False, the ordinary load reports it)."""
     import json
     from pathlib import Path
 
     try:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
-        return False  # the ordinary load reports it
-    return (
-        isinstance(config, dict)
-        and config.get("model_type") in UNFUSED_MODEL_TYPES
-        and not is_unfused_checkpoint(path)
-    )
+        return False
+    return isinstance(config, dict) and config.get("model_type") in UNFUSED_MODEL_TYPES
+
+
+def fused_moe_checkpoint(path) -> bool:
+    """Whether ``path`` holds a model of a family :func:`unfuse_experts` knows, not yet
+    unfused (transformers 5 loads its experts fused)."""
+    return _unfusable_family(path) and not is_unfused_checkpoint(path)
 
 
 def is_unfused_checkpoint(path) -> bool:
     """Whether the checkpoint at ``path`` is a quantized model saved with unfused experts:
     ModelOpt state next to per-expert quantizer tensors (``experts.0.<proj>.*_quantizer.*``)."""
-    import json
     from pathlib import Path
 
     from optimizer.safetensors_header import read_safetensors_header
@@ -203,11 +204,7 @@ def is_unfused_checkpoint(path) -> bool:
         return False
     # Only the families unfuse_experts knows (natively per-expert MoE checkpoints, remote code
     # included, keep the ordinary from_pretrained path).
-    try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return False  # the ordinary load reports it
-    if model_type not in UNFUSED_MODEL_TYPES:
+    if not _unfusable_family(path):
         return False
     for f in sorted(path.glob("*.safetensors")):
         try:
