@@ -59,7 +59,8 @@ BENCH = REPO / "bench"
 PROBE = BENCH / "probe"
 sys.path.insert(0, str(REPO))
 
-from optimizer import hardware  # noqa: E402  (stdlib only: no torch in this process)
+from optimizer import batching, hardware  # noqa: E402  (stdlib only: no torch in this process)
+from optimizer.calibration import DEFAULT_BATCH_SIZE  # noqa: E402
 from optimizer.resources import CALIBRATION, TASKS  # noqa: E402
 
 GiB = 2**30
@@ -295,7 +296,7 @@ def bare_side(name, model_dir: Path, args, env, compute: str, gate_limit: int, *
         "--seq-len",
         str(args.seq_len),
         "--batch-size",
-        str(extra.get("batch_size") or (8 if args.batch_size == "auto" else args.batch_size)),
+        str(extra.get("batch_size") or batching.fixed(args.batch_size, DEFAULT_BATCH_SIZE)),
         "--task",
         TASK,
         "--tasks-dir",
@@ -876,6 +877,8 @@ def main() -> int:
     stem = args.out / f"pipeline_vs_bare-{tag}"
     results = _read_json(stem.with_suffix(".json")) or {"models": {}}
     if args.report_only:
+        if "tag" not in results:
+            raise SystemExit(f"no results to report: {stem.with_suffix('.json')} is missing")
         stem.with_suffix(".md").write_text(render(results))
         print(stem.with_suffix(".md"))
         return 0

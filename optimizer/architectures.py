@@ -29,6 +29,7 @@ configs (tests/test_families.py keeps them true):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -126,18 +127,20 @@ def moe_export_problem(model_type: str | None, formats: list[str]) -> str | None
     return None
 
 
-#: Names an expert projection of an MoE block has (on disk and in memory): the gate's rebuild
-#: reads a block's experts in one format (fused, as transformers 5 computes them), so an
-#: exclusion matching one is refused.
-_EXPERT_NAMES = (
-    "model.layers.0.mlp.experts",
-    *(
-        f"model.layers.0.{block}.experts.{e}.{p}"
-        for e in range(512)  # (as many experts as the largest MoE checkpoints have)
-        for block in ("mlp", "block_sparse_moe")
-        for p in ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
-    ),
-)
+@functools.cache
+def _expert_names() -> tuple[str, ...]:
+    """Names an expert projection of an MoE block has (on disk and in memory): the gate's
+    rebuild reads a block's experts in one format (fused, as transformers 5 computes them),
+    so an exclusion matching one is refused. Built on first use, not at import."""
+    return (
+        "model.layers.0.mlp.experts",
+        *(
+            f"model.layers.0.{block}.experts.{e}.{p}"
+            for e in range(512)  # (as many experts as the largest MoE checkpoints have)
+            for block in ("mlp", "block_sparse_moe")
+            for p in ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+        ),
+    )
 
 
 def moe_exclude_problem(model_type: str | None, patterns: list[str]) -> str | None:
@@ -147,7 +150,7 @@ def moe_exclude_problem(model_type: str | None, patterns: list[str]) -> str | No
     fam = _moe(model_type)
     if fam is None:
         return None
-    hit = [p for p in patterns if any(fnmatch(n, p) for n in _EXPERT_NAMES)]
+    hit = [p for p in patterns if any(fnmatch(n, p) for n in _expert_names())]
     if not hit:
         return None
     return (

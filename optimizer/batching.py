@@ -86,8 +86,8 @@ def measure(model, forward: Callable[[], Any], limit: int, fallback: int, **fit_
         raise ValueError(f"limit must be at least 1, not {limit}")
     device = gpu_device(model)
     if device is None:
-        where = "a CPU" if all(p.device.type == "cpu" for p in model.parameters()) else "spread"
-        reason = "auto on a CPU" if where == "a CPU" else "auto with the model spread over devices"
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        reason = "auto on a CPU" if on_cpu else "auto with the model spread over devices"
         return Choice(min(fallback, limit), measured=False, reason=reason)
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)

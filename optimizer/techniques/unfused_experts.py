@@ -117,11 +117,6 @@ def fused_blocks(model) -> dict[str, Any]:
     return {name: m for name, m in model.named_modules() if _is_fused(getattr(m, "experts", None))}
 
 
-def unfusable(model) -> bool:
-    """Whether ``model`` has fused experts :func:`unfuse_experts` unfuses."""
-    return any(type(b.experts).__name__ in EXPERT_LINEARS for b in fused_blocks(model).values())
-
-
 def unfuse_experts(model, *, copy_weights: bool = True) -> list[str]:
     """Replace every fused experts module of a known family by :class:`UnfusedExperts`, in
     place; the names of the replaced modules (empty for a dense model, or one already
