@@ -291,7 +291,11 @@ def test_dequantizing_on_the_gpu_gives_the_host_s_weights_bit_for_bit(
     src, _ = source
     out = tmp_path / "export"
     _quantize_and_export(src, out, fmt)
+    chosen = []
+    real = module.read_device
+    monkeypatch.setattr(module, "read_device", lambda *a: chosen.append(real(*a)) or chosen[-1])
     on_gpu = module.rebuild(out, "bfloat16", "cuda").model.state_dict()
+    assert chosen == ["cuda"]  # the GPU path was taken (a tiny export: room for it)
     monkeypatch.setattr(module, "read_device", lambda *a: "cpu")
     on_host = module.rebuild(out, "bfloat16", "cuda").model.state_dict()
     assert on_gpu.keys() == on_host.keys()
